@@ -1,0 +1,140 @@
+//! The CUDA backend: embedded PTX loaded once into a context, launches on the
+//! caller's stream. Each operation has a launcher here beside its kernel file
+//! in `kernels/` and its CPU reference in `src/cpu/` (same file stem).
+
+pub mod ptx;
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{Error, Result};
+
+/// Kernels loaded into one CUDA context, launching on one stream.
+///
+/// Create it from a device ordinal ([`CudaBackend::new`]) or around a stream a
+/// framework already owns ([`CudaBackend::from_stream`]). Every launch goes on
+/// [`CudaBackend::stream`]; nothing here synchronises unless a method says so.
+pub struct CudaBackend {
+    stream: Arc<CudaStream>,
+    functions: HashMap<String, CudaFunction>,
+    sm_count: u32,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("ordinal", &self.stream.context().ordinal())
+            .field("sm_count", &self.sm_count)
+            .field("kernels", &self.functions.len())
+            .finish()
+    }
+}
+
+impl CudaBackend {
+    /// A backend on device `ordinal`'s primary context and a new stream.
+    ///
+    /// Fails with [`Error::CudaUnavailable`] when no PTX was embedded (nvcc
+    /// missing at build time), when the driver library cannot be loaded, or
+    /// when the device does not exist.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        check_ptx_built()?;
+        let ctx = guarded("creating a CUDA context", || CudaContext::new(ordinal))?
+            .map_err(|e| Error::CudaUnavailable(format!("no CUDA device {ordinal}: {e:?}")))?;
+        let stream = guarded("creating a stream", || ctx.new_stream())??;
+        Self::from_stream(stream)
+    }
+
+    /// A backend that launches on `stream`, which a framework already owns.
+    /// Work is ordered with the framework's by that stream alone.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        check_ptx_built()?;
+        let ctx = stream.context().clone();
+        let sm_count = guarded("querying the device", || {
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        })??;
+        let mut functions = HashMap::new();
+        for (module_name, text) in ptx::MODULES {
+            let module = guarded("loading PTX", || ctx.load_module(Ptx::from_src(*text)))?
+                .map_err(|e| {
+                    Error::CudaUnavailable(format!(
+                        "the driver rejected the PTX of {module_name}.cu ({e:?}); it was built by \
+                         {}, and a driver runs PTX only from its own CUDA version or older",
+                        ptx::NVCC.unwrap_or("unknown nvcc")
+                    ))
+                })?;
+            for entry in ptx::entry_points(text) {
+                let f = module.load_function(entry)?;
+                functions.insert(entry.to_string(), f);
+            }
+        }
+        Ok(Self {
+            stream,
+            functions,
+            sm_count: sm_count.max(1) as u32,
+        })
+    }
+
+    /// The stream every launch goes on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The context the kernels are loaded into.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        self.stream.context()
+    }
+
+    /// Streaming multiprocessors on the device; grids are sized from it.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// Waits for all work on the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// A loaded kernel by its `extern "C"` name.
+    pub(crate) fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions.get(name).ok_or_else(|| {
+            Error::CudaUnavailable(format!("kernel {name} is not in the embedded PTX"))
+        })
+    }
+}
+
+fn check_ptx_built() -> Result<()> {
+    if ptx::MODULES.is_empty() {
+        return Err(Error::CudaUnavailable(if ptx::MISSING_REASON.is_empty() {
+            "no kernels were embedded at build time".to_string()
+        } else {
+            ptx::MISSING_REASON.to_string()
+        }));
+    }
+    Ok(())
+}
+
+/// cudarc panics (rather than returning an error) when libcuda cannot be
+/// loaded or lacks a symbol; turn that into our error.
+fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    // SAFETY: `is_culib_present` only tries to dlopen the driver library by
+    // name and drops the handle; it has no preconditions.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::CudaUnavailable(
+            "the CUDA driver library (libcuda) could not be loaded: is there an NVIDIA driver?"
+                .into(),
+        ));
+    }
+    catch_unwind(AssertUnwindSafe(f)).map_err(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Error::CudaUnavailable(format!("{what}: the CUDA driver library failed: {msg}"))
+    })
+}

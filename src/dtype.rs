@@ -1,0 +1,105 @@
+//! Element types of parameters, gradients and logits: f32, f16 and bf16.
+//! Arithmetic is always f32 or wider; these only load and store.
+
+use half::{bf16, f16};
+
+/// A runtime tag for an element type, as the kernels see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The name used in kernel symbols (`..._f32`, `..._bf16`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+/// An element type the kernels and the CPU reference accept.
+///
+/// Conversions from f32/f64 round to nearest even, as the GPU's `__float2half_rn`
+/// and `__float2bfloat16_rn` do, so both sides store identical bits.
+pub trait Element:
+    Copy + Send + Sync + PartialEq + std::fmt::Debug + bytemuck::Pod + Default + 'static
+{
+    const DTYPE: DType;
+    fn to_f32(self) -> f32;
+    fn to_f64(self) -> f64;
+    fn from_f32(x: f32) -> Self;
+    /// Rounds once, directly from f64 (no double rounding through f32).
+    fn from_f64(x: f64) -> Self;
+    /// The bit pattern, widened, for bit-exact comparisons.
+    fn to_bits_u32(self) -> u32;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_bits_u32(self) -> u32 {
+        self.to_bits()
+    }
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn to_f64(self) -> f64 {
+        f16::to_f64(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn from_f64(x: f64) -> Self {
+        f16::from_f64(x)
+    }
+    fn to_bits_u32(self) -> u32 {
+        self.to_bits() as u32
+    }
+}
+
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn to_f64(self) -> f64 {
+        bf16::to_f64(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn from_f64(x: f64) -> Self {
+        bf16::from_f64(x)
+    }
+    fn to_bits_u32(self) -> u32 {
+        self.to_bits() as u32
+    }
+}
