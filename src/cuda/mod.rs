@@ -2,7 +2,12 @@
 //! caller's stream. Each operation has a launcher here beside its kernel file
 //! in `kernels/` and its CPU reference in `src/cpu/` (same file stem).
 
+pub mod grad_norm;
+pub mod group;
+pub mod kl_div;
+pub mod perturb;
 pub mod ptx;
+pub mod restore;
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
