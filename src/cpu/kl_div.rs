@@ -524,15 +524,9 @@ fn exp_f64(x: f64) -> f64 {
     const SHIFT: f64 = 6755399441055744.0; // 1.5·2^52: adding it rounds to an integer
     const LOG2E: f64 = std::f64::consts::LOG2_E;
     // ln 2 split so that k·LN2_HI is exact for |k| < 2^21.
-    const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
-    let xc = if x < -708.0 {
-        -708.0
-    } else if x > 709.0 {
-        709.0
-    } else {
-        x
-    };
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+    let xc = x.clamp(-708.0, 709.0);
     let t = xc * LOG2E + SHIFT;
     let k = t - SHIFT;
     let r = (xc - k * LN2_HI) - k * LN2_LO;
