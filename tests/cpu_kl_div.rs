@@ -788,7 +788,9 @@ fn bad_input_is_an_error() {
 #[test]
 fn adversarial_rows_match_oracle() {
     let mut rng = SmallRng::seed_from_u64(15);
-    let mut cases: Vec<(String, usize, Vec<f32>, Vec<f32>, f32)> = Vec::new();
+    // (name, vocab, a, b, τ)
+    type Case = (String, usize, Vec<f32>, Vec<f32>, f32);
+    let mut cases: Vec<Case> = Vec::new();
     // The argmax element is an outlier in d while the rest agree to 1e-5: the
     // reference must not sit on it.
     let v = 50_257;
