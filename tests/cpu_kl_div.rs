@@ -981,3 +981,37 @@ fn double_double_textbook_oracle_agrees() {
     assert!(checked >= 20, "only {checked} rows checked relatively");
     eprintln!("worst relative KL error against double-double ({checked} rows): {worst:e}");
 }
+
+#[test]
+fn textbook_f64_fails_on_peaked_rows_where_this_holds() {
+    // σ = 30, gap 1e-5: even in f64 the textbook formula is off by far more than
+    // the 1e-12 bound (up to 100% in the note's table), which is why the oracles
+    // here are not textbook f64.
+    let mut rng = SmallRng::seed_from_u64(17);
+    let v = 50_257;
+    let (da, db) = make::<f32>(&mut rng, 1, v, v, 30.0, 0.0, 1e-5);
+    let a = Logits::dense(&da, 1, v).unwrap();
+    let b = Logits::dense(&db, 1, v).unwrap();
+    let (ar, br) = (row64(&a, 0), row64(&b, 0));
+    let want = oracle_side(&ar, &br, 1.0).kl;
+    let ours = kl_div(&a, &b, None, &KlOptions::default()).unwrap().value;
+    let lse = |z: &[f64]| {
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+    };
+    let (la, lb) = (lse(&ar), lse(&br));
+    let textbook: f64 = (0..v)
+        .map(|i| (ar[i] - la).exp() * ((ar[i] - la) - (br[i] - lb)))
+        .sum();
+    assert!(want > 1e-16 && want < 1e-7, "KL {want:e}");
+    eprintln!(
+        "KL {want:e}: ours rel {:e}, textbook f64 rel {:e}",
+        rel_err(ours, want),
+        rel_err(textbook, want)
+    );
+    assert!(rel_err(ours, want) <= KL_REL, "ours {ours:e} vs {want:e}");
+    assert!(
+        rel_err(textbook, want) > 1e-7,
+        "textbook f64 {textbook:e} unexpectedly close to {want:e}"
+    );
+}
