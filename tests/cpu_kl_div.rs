@@ -1015,3 +1015,27 @@ fn textbook_f64_fails_on_peaked_rows_where_this_holds() {
         "textbook f64 {textbook:e} unexpectedly close to {want:e}"
     );
 }
+
+#[test]
+fn strides_may_differ_and_padding_is_never_read() {
+    let mut rng = SmallRng::seed_from_u64(18);
+    let (rows, v) = (5, 1_037);
+    let (da, db) = make::<bf16>(&mut rng, rows, v, v, 3.0, 0.0, 0.01);
+    // The model logits again, 29 NaN-padded slots apart.
+    let stride = v + 29;
+    let mut dbs = vec![bf16::from_f64(f64::NAN); rows * stride];
+    for r in 0..rows {
+        dbs[r * stride..r * stride + v].copy_from_slice(&db[r * v..(r + 1) * v]);
+    }
+    let a = Logits::dense(&da, rows, v).unwrap();
+    let b = Logits::dense(&db, rows, v).unwrap();
+    let bs = Logits::new(&dbs, rows, v, stride).unwrap();
+    for dir in DIRS {
+        let o = opts(dir, Reduction::MeanRows, 1.0);
+        let (x, gx) = kl_div_grad(&a, &b, None, &o, 1.0, true).unwrap();
+        let (y, gy) = kl_div_grad(&a, &bs, None, &o, 1.0, true).unwrap();
+        assert!(x.per_row.iter().all(|k| k.is_finite() && *k > 0.0));
+        assert_eq!(x, y);
+        assert_eq!(gx, gy);
+    }
+}
