@@ -185,9 +185,9 @@ pub fn kl_div_grad<T: Element>(
     let out = reduce(&frames, opts.reduction, target.vocab);
 
     let (rows, vocab) = (target.rows, target.vocab);
-    let n = rows
-        .checked_mul(vocab)
-        .ok_or_else(|| crate::Error::invalid("kl_div_grad: rows × vocab overflows"))?;
+    let n = rows.checked_mul(vocab).ok_or_else(|| {
+        crate::Error::InvalidArgument("kl_div_grad: rows × vocab overflows".into())
+    })?;
     let mut gm = vec![0.0f64; n];
     let mut gt = with_target_grad.then(|| vec![0.0f64; n]);
     let nu = out.unmasked_rows as f64;
