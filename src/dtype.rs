@@ -77,15 +77,11 @@ impl Element for f32 {
 pub(crate) fn round_to_odd_f32(x: f64) -> f32 {
     let t = x as f32;
     let td = t as f64;
-    if td == x {
-        return t;
-    }
-    let mut b = t.to_bits();
-    if td.abs() > x.abs() {
-        // t was rounded away from zero: one step back toward zero (same sign).
-        b -= 1;
-    }
-    f32::from_bits(b | 1)
+    // Branch-free so block loops vectorise: when t was rounded away from zero,
+    // step back toward zero (same sign); when inexact, set the last bit.
+    let away = (td.abs() > x.abs()) as u32;
+    let inexact = (td != x) as u32;
+    f32::from_bits((t.to_bits() - away) | inexact)
 }
 
 // `half`'s own f64 → f16/bf16 conversions drop the low 32 bits of the f64

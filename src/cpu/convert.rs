@@ -61,14 +61,20 @@ pub fn narrow<T: Element>(src: &[f64], dst: &mut [T], scratch: &mut [f32]) {
         }
         DType::BF16 => {
             if let Ok(d) = bytemuck::try_cast_slice_mut::<T, u16>(dst) {
+                // f32 → bf16 to nearest even on the bits (inf stays inf); NaN
+                // (whose bits this would garble) is fixed up after, off the fast loop.
+                let mut any_nan = false;
                 for (d, &x) in d.iter_mut().zip(src) {
-                    *d = if x.is_nan() {
-                        bf16::from_f64(x).to_bits()
-                    } else {
-                        // f32 → bf16 to nearest even on the bits (inf stays inf).
-                        let b = round_to_odd_f32(x).to_bits();
-                        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-                    };
+                    let b = round_to_odd_f32(x).to_bits();
+                    *d = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+                    any_nan |= x.is_nan();
+                }
+                if any_nan {
+                    for (d, &x) in d.iter_mut().zip(src) {
+                        if x.is_nan() {
+                            *d = bf16::from_f64(x).to_bits();
+                        }
+                    }
                 }
                 return;
             }
@@ -76,13 +82,18 @@ pub fn narrow<T: Element>(src: &[f64], dst: &mut [T], scratch: &mut [f32]) {
         DType::F16 => {
             if let Ok(d) = bytemuck::try_cast_slice_mut::<T, f16>(dst) {
                 let s = &mut scratch[..src.len()];
+                let mut any_nan = false;
                 for (o, &x) in s.iter_mut().zip(src) {
-                    *o = if x.is_nan() { 0.0 } else { round_to_odd_f32(x) };
+                    *o = round_to_odd_f32(x);
+                    any_nan |= x.is_nan();
                 }
+                // F16C when the CPU has it (runtime detection in `half`).
                 d.convert_from_f32_slice(s);
-                for (d, &x) in d.iter_mut().zip(src) {
-                    if x.is_nan() {
-                        *d = f16::from_f64(x);
+                if any_nan {
+                    for (d, &x) in d.iter_mut().zip(src) {
+                        if x.is_nan() {
+                            *d = f16::from_f64(x);
+                        }
                     }
                 }
                 return;
