@@ -16,15 +16,18 @@
 //! # Error bound (finite inputs)
 //! In f64 no term can overflow or underflow for f32/f16/bf16 inputs and a finite
 //! `s`: `2^-298 ≤ |g'| ≤ 2^256` for `g ≠ 0`, so every non-zero term lies in
-//! `[2^-900, 2^780]`, well inside f64's normal range; and `s·g` is exact
-//! (24 + 24 significand bits ≤ 53). Each term carries at most 6
-//! roundings, the summation depth is 64 (lane) + 4 (lane tree and tail) + 128
-//! (blocks of a chunk) + 2 (compensated chunk combine), and all terms are ≥ 0, so
+//! `[2^-900, 2^780]`, well inside f64's normal range (and so is any sum of fewer
+//! than 2^64 of them). Widening to f32 and then f64 is exact, and so is `s·g`
+//! (24 + 24 significand bits ≤ 53). Each term carries at most 6 roundings, the
+//! summation depth is 64 (lane) + 4 (lane tree and tail) + 128 (blocks of a chunk)
+//! + 2 (compensated chunk combine), and all terms are ≥ 0, so
 //!
 //! `|sum_sq − exact| ≤ 2^-45 · exact` (≈ 2.8e-14) and the same relative bound holds
 //! for `norm` (the square root halves the relative error and adds half an ulp).
+//! The bound does not grow with the number of elements.
 //!
-//! The tests check this bound against a compensated oracle.
+//! The tests check it against a double-double oracle (exact SAM terms) on groups
+//! of up to 2^20+3 elements per tensor.
 
 use rayon::prelude::*;
 

@@ -3,21 +3,24 @@
 //! the working copy ([`perturb_master`]), and out of place ([`perturb_out_of_place`]).
 //!
 //! With `g' = s·g` (`s` the inverse loss scale), the norm `N` of
-//! [`grad_norm`](super::grad_norm::grad_norm) and the radius ρ ([`radius_value`]):
+//! [`grad_norm`] and the radius ρ ([`radius_value`]):
 //! `ε = c·w`, `c = ρ/(N + NORM_EPS)`, `w` = `g'`, `(|θ|+η)²·g'` or `g'/(1+η·g'²)`
-//! (SAM, adaptive, Fisher). For SAM and adaptive ε does not depend on the loss
-//! scale once `s` undoes it; Fisher's `w` is not homogeneous in `g`, so it is
-//! defined on the unscaled `g'`.
+//! (SAM, adaptive, Fisher). With `s` = 1/scale, ε does not depend on the loss
+//! scale in any geometry (bit for bit when the scale is a power of two). SAM and
+//! adaptive ε are also invariant to a scale left in `g` (degree 0 in `g`, up to
+//! rounding); Fisher's `w` is not, so it needs the unscaled `g'`.
 //!
 //! What happens is decided once per group ([`plan`]), in this order:
 //! a non-finite `N` sets `NONFINITE_GRAD`, a non-finite ρ `NONFINITE_RADIUS`, a
 //! negative ρ `NEGATIVE_RADIUS`; any of these leaves θ unchanged. Otherwise
 //! `N == 0` sets `ZERO_NORM` (ε = 0, θ unchanged), else `APPLIED`.
 //!
-//! Each new value is computed in f64 ([`perturbed_value`]) and rounded once to
-//! the parameter type (round to nearest even), so the CPU result is the correctly
-//! rounded `θ + ε` up to the few f64 roundings inside `ε` (relative error of the
-//! f64 value ≤ 8·2^-53 of `|ε|`, far below half an ulp of any f32/f16/bf16 result).
+//! Each new value is computed in f64 ([`perturbed_value`], from the report's
+//! `coef`) and rounded once to the parameter type, to nearest even
+//! ([`Element::from_f64`]). So the stored value is the correctly rounded value of
+//! a number within `8·2^-53·|ε| + 2^-53·|θ+ε|` of the exact `θ + c·w` (a few f64
+//! roundings in `w`, `c·w` and the sum): at most half an ulp of `θ + ε` in
+//! f32/f16/bf16, plus one ulp in the rare case that the f64 error crosses a tie.
 //!
 //! The `*_with` variants take the norm and radius explicitly, so a GPU test can
 //! replay exactly the values the device used.
