@@ -55,7 +55,9 @@ pub struct NormOutput {
     /// `sqrt(sum_sq)`.
     pub norm: f64,
     /// Some gradient element was inf or NaN (PyTorch GradScaler's `found_inf`);
-    /// `norm` is then not finite either.
+    /// `norm` is then not finite either. It looks at gradients only: a non-finite
+    /// θ under the adaptive geometry makes `norm` non-finite with `found_inf`
+    /// false (the perturbation still reports `NONFINITE_GRAD`, from the norm).
     pub found_inf: bool,
 }
 
