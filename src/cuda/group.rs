@@ -519,6 +519,12 @@ impl<'a> ParamGroup<'a> {
         &self.state
     }
 
+    /// The device [`NormState`], writable: e.g. for an all-reduce of `sum_sq`
+    /// in place, or to reset it.
+    pub fn state_mut(&mut self) -> &mut CudaSlice<NormState> {
+        &mut self.state
+    }
+
     /// The device address of the [`NormState`]; its `sum_sq` (f64) is at
     /// offset 0, for an all-reduce across ranks.
     pub fn state_ptr(&self) -> u64 {
