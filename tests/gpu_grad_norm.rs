@@ -49,7 +49,10 @@ fn run(gpu: &CudaBackend, group: &mut ParamGroup<'_>, opts: NormOptions) -> Norm
 }
 
 fn assert_close(st: &NormState, want: &NormOutput, what: &str) {
-    assert!(want.norm > 0.0 && want.norm.is_finite(), "{what}: test data");
+    assert!(
+        want.norm > 0.0 && want.norm.is_finite(),
+        "{what}: test data"
+    );
     assert!(
         rel(st.norm, want.norm) <= NORM_REL,
         "{what}: norm {} vs CPU {} (rel {:e})",
@@ -182,7 +185,10 @@ fn nonfinite_gradients_are_found() {
                 inv_scale: 1.0,
             },
         );
-        assert_eq!(st.found_inf, 0, "{geo:?}: the bad tensor has no gradient now");
+        assert_eq!(
+            st.found_inf, 0,
+            "{geo:?}: the bad tensor has no gradient now"
+        );
         let want = cpu_norm(&case.thetas(), &case.grads(), geo, 1.0).unwrap();
         assert_close(&st, &want, "bad tensor skipped");
     }
@@ -258,7 +264,10 @@ fn hashed(i: u64, seed: u64) -> f64 {
 }
 
 fn free_bytes(gpu: &CudaBackend) -> usize {
-    gpu.context().mem_get_info().map(|(free, _)| free).unwrap_or(0)
+    gpu.context()
+        .mem_get_info()
+        .map(|(free, _)| free)
+        .unwrap_or(0)
 }
 
 #[test]

@@ -173,7 +173,10 @@ pub fn describe(
     grad: DType,
     tensors: &[RawTensor],
 ) -> Result<(Vec<MtTensor>, Roles)> {
-    ensure!(!tensors.is_empty(), "a parameter group needs at least one tensor");
+    ensure!(
+        !tensors.is_empty(),
+        "a parameter group needs at least one tensor"
+    );
     ensure!(
         tensors.len() <= u32::MAX as usize,
         "too many tensors in one group ({})",
@@ -231,7 +234,9 @@ pub fn describe(
                 "tensor {i}: {name} address {:#x} is not aligned to its {size}-byte elements",
                 b.ptr
             );
-            let bytes = len.checked_mul(size as u64).and_then(|n| b.ptr.checked_add(n));
+            let bytes = len
+                .checked_mul(size as u64)
+                .and_then(|n| b.ptr.checked_add(n));
             let Some(end) = bytes else {
                 return Err(crate::Error::invalid(format!(
                     "tensor {i}: {name} extends past the address space"
@@ -400,12 +405,13 @@ impl<'a> ParamGroup<'a> {
 
         // Fill the GPU: as many blocks as fit on every SM at once.
         let sm = backend.sm_count();
-        let theta = if roles.master { DType::F32 } else { param_dtype };
-        let norm_fn = backend.function(&format!(
-            "grad_norm_{}_{}",
-            theta.name(),
-            grad_dtype.name()
-        ))?;
+        let theta = if roles.master {
+            DType::F32
+        } else {
+            param_dtype
+        };
+        let norm_fn =
+            backend.function(&format!("grad_norm_{}_{}", theta.name(), grad_dtype.name()))?;
         let per_sm = norm_fn
             .occupancy_max_active_blocks_per_multiprocessor(BLOCK_THREADS, 0, None)?
             .clamp(1, 8);

@@ -4,11 +4,11 @@
 //! device buffers whose padding is poisoned, so writes out of bounds show.
 #![allow(dead_code)]
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
-use tram_kernels::cuda::group::{ParamGroup, TensorViews};
+use tram_kernels::cuda::group::{DeviceBuf, ParamGroup, TensorViews};
 use tram_kernels::cuda::CudaBackend;
 use tram_kernels::{DType, Element};
 
@@ -171,6 +171,15 @@ impl<T: Element + cudarc::driver::DeviceRepr> Buf<T> {
 
     pub fn view(&self) -> CudaView<'_, T> {
         self.dev.slice(self.start..self.start + self.len)
+    }
+
+    /// The tensor as a raw address and length.
+    pub fn raw(&self, stream: &Arc<CudaStream>) -> DeviceBuf {
+        let (ptr, _guard) = self.dev.device_ptr(stream);
+        DeviceBuf {
+            ptr: ptr + (self.start * size_of::<T>()) as u64,
+            len: self.len as u64,
+        }
     }
 
     /// The tensor's elements, after checking the padding is still poison.
