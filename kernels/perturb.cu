@@ -11,9 +11,9 @@
 //   written when the perturbation is not applied.
 // - out of place: reads θ and g, writes θ + ε to a second buffer (θ itself
 //   when not applied).
-// Only tensors with a gradient this step are visited (their θ + ε = θ
-// otherwise): the in-place path writes no backup for them, the out-of-place
-// path leaves their output untouched.
+// Tensors without a gradient this step have θ + ε = θ: the in-place and
+// master paths skip them (no backup is written for them; restore skips them
+// too), the out-of-place path copies θ to their output.
 //
 // Every block derives the same status and coefficient from the same device
 // scalars; block 0 records them (and the norm and ρ it used) in the state.
@@ -35,7 +35,6 @@
 template <typename P> struct PerturbAcc { typedef float type; };
 template <> struct PerturbAcc<float> { typedef double type; };
 
-__device__ __forceinline__ float to_f32(double x) { return (float)x; }
 template <typename P> __device__ __forceinline__ P round_to(float x) { return from_f32<P>(x); }
 template <typename P> __device__ __forceinline__ P round_to(double x);
 template <> __device__ __forceinline__ float round_to<float>(double x) { return __double2float_rn(x); }
@@ -150,11 +149,19 @@ __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const ui
     k.s = inv_scale;
     k.eta = eta;
 
-    const uint32_t n = *n_chunks;
-    for (uint32_t c = blockIdx.x; c < n; c += gridDim.x) {
+    // Chunks of tensors with a gradient come first; out of place also walks
+    // the others, whose output is θ itself.
+    const uint32_t n = n_chunks[0];
+    const uint32_t total = MODE == PERTURB_OUT_OF_PLACE ? n_chunks[1] : n;
+    for (uint32_t c = blockIdx.x; c < total; c += gridDim.x) {
         const MtChunk ch = chunks[c];
         const MtTensor& t = tensors[ch.tensor];
         const MtSpan span = mt_span(t, ch);
+        if (MODE == PERTURB_OUT_OF_PLACE && c >= n) {
+            mt_copy_chunk<P>(reinterpret_cast<const P*>(t.ptr[MT_SLOT_PARAM]),
+                             reinterpret_cast<P*>(t.ptr[MT_SLOT_OUT]), span);
+            continue;
+        }
         const G* g = reinterpret_cast<const G*>(t.ptr[MT_SLOT_GRAD]);
         if (MODE == PERTURB_MASTER) {
             const float* m = reinterpret_cast<const float*>(t.ptr[MT_SLOT_MASTER]);

@@ -5,7 +5,8 @@
 //! The group holds a device table with one [`MtTensor`] per tensor (its
 //! parameter, gradient, backup, master and output addresses, see [`Slot`],
 //! and its 64-bit length) and a device list of [`MtChunk`]s: the tensors that
-//! have a gradient this step, cut into chunks of [`MT_CHUNK`] elements. Both
+//! have a gradient this step, cut into chunks of [`MT_CHUNK`] elements, then
+//! those of the other tensors (see [`ChunkMap`]). Both
 //! are built on the host by plain functions ([`describe`], [`chunk_map`]) and
 //! uploaded when the group is built; [`ParamGroup::set_has_grad`] rebuilds
 //! only the chunk list. The group also owns the workspace of the norm (one
@@ -261,35 +262,52 @@ pub fn describe(
     Ok((table, roles))
 }
 
-/// The chunk list of the tensors with `active[i]` set: for each in table
-/// order, chunks `0..ceil(len / MT_CHUNK)`. Empty tensors have no chunks.
-pub fn chunk_map(lens: &[u64], active: &[bool]) -> Result<Vec<MtChunk>> {
+/// The chunk list of a group: every chunk of the tensors with `active[i]` set
+/// (in table order, chunks `0..ceil(len / MT_CHUNK)` each), then those of the
+/// others. Kernels that skip tensors without a gradient read the first
+/// `active` entries; the out-of-place perturbation also walks the rest (it
+/// copies θ there). Empty tensors have no chunks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChunkMap {
+    pub chunks: Vec<MtChunk>,
+    pub active: usize,
+}
+
+/// Builds the [`ChunkMap`] of tensors of lengths `lens`.
+pub fn chunk_map(lens: &[u64], active: &[bool]) -> Result<ChunkMap> {
     ensure!(
         lens.len() == active.len(),
         "{} has-gradient flags for {} tensors",
         active.len(),
         lens.len()
     );
-    let total: u64 = lens
-        .iter()
-        .zip(active)
-        .filter(|(_, &a)| a)
-        .map(|(&l, _)| l.div_ceil(MT_CHUNK))
-        .sum();
+    let total: u64 = lens.iter().map(|&l| l.div_ceil(MT_CHUNK)).sum();
     ensure!(
         total <= u32::MAX as u64,
         "{total} chunks is more than one launch can index"
     );
     let mut chunks = Vec::with_capacity(total as usize);
-    for (t, (&len, _)) in lens.iter().zip(active).enumerate().filter(|(_, (_, &a))| a) {
-        for index in 0..len.div_ceil(MT_CHUNK) as u32 {
-            chunks.push(MtChunk {
-                tensor: t as u32,
-                index,
-            });
+    let mut n_active = 0;
+    for pass in [true, false] {
+        for (t, &len) in lens.iter().enumerate() {
+            if active[t] != pass {
+                continue;
+            }
+            for index in 0..len.div_ceil(MT_CHUNK) as u32 {
+                chunks.push(MtChunk {
+                    tensor: t as u32,
+                    index,
+                });
+            }
+        }
+        if pass {
+            n_active = chunks.len();
         }
     }
-    Ok(chunks)
+    Ok(ChunkMap {
+        chunks,
+        active: n_active,
+    })
 }
 
 /// The tensors of a model (or a shard of it), described once and reused by
@@ -307,7 +325,7 @@ pub struct ParamGroup<'a> {
     roles: Roles,
     lens: Vec<u64>,
     has_grad: Vec<bool>,
-    chunks: Vec<MtChunk>,
+    chunks: ChunkMap,
     stream: Arc<CudaStream>,
     table_dev: CudaSlice<MtTensor>,
     chunks_dev: CudaSlice<MtChunk>,
@@ -327,7 +345,7 @@ impl std::fmt::Debug for ParamGroup<'_> {
             .field("grad_dtype", &self.grad_dtype)
             .field("tensors", &self.lens.len())
             .field("elements", &self.num_elements())
-            .field("active_chunks", &self.chunks.len())
+            .field("active_chunks", &self.chunks.active)
             .field("roles", &self.roles)
             .finish()
     }
@@ -419,13 +437,14 @@ impl<'a> ParamGroup<'a> {
         let apply_grid = sm * 4; // perturb and restore are built for 4 blocks per SM
 
         let table_dev = stream.clone_htod(&table)?;
-        // Room for every chunk, so toggling gradients never allocates.
-        let capacity = chunks.len().max(1);
-        let mut chunks_dev = stream.alloc_zeros::<MtChunk>(capacity)?;
-        if !chunks.is_empty() {
-            stream.memcpy_htod(&chunks, &mut chunks_dev)?;
+        // Every chunk is in the list, so toggling gradients only reorders it.
+        let mut chunks_dev = stream.alloc_zeros::<MtChunk>(chunks.chunks.len().max(1))?;
+        if !chunks.chunks.is_empty() {
+            stream.memcpy_htod(&chunks.chunks, &mut chunks_dev)?;
         }
-        let n_chunks_dev = stream.clone_htod(&[chunks.len() as u32])?;
+        // [chunks with a gradient, all chunks]
+        let n_chunks_dev =
+            stream.clone_htod(&[chunks.active as u32, chunks.chunks.len() as u32])?;
         let partials = stream.alloc_zeros::<f64>(norm_grid as usize)?;
         let counter = stream.alloc_zeros::<u32>(1)?;
         let state = stream.alloc_zeros::<NormState>(1)?;
@@ -457,11 +476,12 @@ impl<'a> ParamGroup<'a> {
     /// perturbation and its restore.
     pub fn set_has_grad(&mut self, has_grad: &[bool]) -> Result<()> {
         let chunks = chunk_map(&self.lens, has_grad)?;
-        if !chunks.is_empty() {
-            self.stream.memcpy_htod(&chunks, &mut self.chunks_dev)?;
+        if !chunks.chunks.is_empty() {
+            self.stream
+                .memcpy_htod(&chunks.chunks, &mut self.chunks_dev)?;
         }
-        self.stream
-            .memcpy_htod(&[chunks.len() as u32], &mut self.n_chunks_dev)?;
+        let counts = [chunks.active as u32, chunks.chunks.len() as u32];
+        self.stream.memcpy_htod(&counts, &mut self.n_chunks_dev)?;
         self.chunks = chunks;
         self.has_grad.copy_from_slice(has_grad);
         Ok(())
@@ -497,8 +517,8 @@ impl<'a> ParamGroup<'a> {
             .sum()
     }
 
-    /// The chunks the next launch covers.
-    pub fn chunks(&self) -> &[MtChunk] {
+    /// The chunk list (those of tensors with a gradient first).
+    pub fn chunk_map(&self) -> &ChunkMap {
         &self.chunks
     }
 
@@ -605,16 +625,21 @@ mod tests {
         }
     }
 
+    fn pairs(chunks: &[MtChunk]) -> Vec<(u32, u32)> {
+        chunks.iter().map(|c| (c.tensor, c.index)).collect()
+    }
+
     #[test]
     fn chunks_cover_each_tensor_in_order() {
         let lens = [1, MT_CHUNK, MT_CHUNK + 1, 0, 3 * MT_CHUNK - 1];
-        let chunks = chunk_map(&lens, &[true; 5]).unwrap();
-        let expect: Vec<(u32, u32)> = vec![(0, 0), (1, 0), (2, 0), (2, 1), (4, 0), (4, 1), (4, 2)];
-        let got: Vec<(u32, u32)> = chunks.iter().map(|c| (c.tensor, c.index)).collect();
-        assert_eq!(got, expect);
+        let map = chunk_map(&lens, &[true; 5]).unwrap();
+        let expect = vec![(0, 0), (1, 0), (2, 0), (2, 1), (4, 0), (4, 1), (4, 2)];
+        assert_eq!(pairs(&map.chunks), expect);
+        assert_eq!(map.active, 7);
         // Every element of every tensor is in exactly one chunk.
         for (t, &len) in lens.iter().enumerate() {
-            let covered: u64 = chunks
+            let covered: u64 = map
+                .chunks
                 .iter()
                 .filter(|c| c.tensor as usize == t)
                 .map(|c| {
@@ -627,23 +652,25 @@ mod tests {
     }
 
     #[test]
-    fn inactive_and_empty_tensors_have_no_chunks() {
+    fn inactive_tensors_come_last_and_empty_ones_nowhere() {
         let lens = [10, 0, 2 * MT_CHUNK, 5];
-        let chunks = chunk_map(&lens, &[false, true, true, false]).unwrap();
-        let got: Vec<(u32, u32)> = chunks.iter().map(|c| (c.tensor, c.index)).collect();
-        assert_eq!(got, vec![(2, 0), (2, 1)]);
-        assert!(chunk_map(&lens, &[false; 4]).unwrap().is_empty());
+        let map = chunk_map(&lens, &[false, true, true, false]).unwrap();
+        assert_eq!(map.active, 2);
+        assert_eq!(pairs(&map.chunks), vec![(2, 0), (2, 1), (0, 0), (3, 0)]);
+        let none = chunk_map(&lens, &[false; 4]).unwrap();
+        assert_eq!(none.active, 0);
+        assert_eq!(pairs(&none.chunks), vec![(0, 0), (2, 0), (2, 1), (3, 0)]);
         assert!(chunk_map(&lens, &[true; 3]).is_err());
     }
 
     #[test]
     fn chunks_index_tensors_beyond_2_pow_32_elements() {
         let len = (1u64 << 33) + 5;
-        let chunks = chunk_map(&[7, len], &[true, true]).unwrap();
-        let last = chunks.last().unwrap();
+        let map = chunk_map(&[7, len], &[true, true]).unwrap();
+        let last = map.chunks.last().unwrap();
         assert_eq!(last.tensor, 1);
         assert_eq!(last.index as u64, len.div_ceil(MT_CHUNK) - 1);
-        assert_eq!(chunks.len() as u64, 1 + len.div_ceil(MT_CHUNK));
+        assert_eq!(map.chunks.len() as u64, 1 + len.div_ceil(MT_CHUNK));
         // The last chunk's 64-bit offset is past 2^32 and it holds the tail.
         let begin = last.index as u64 * MT_CHUNK;
         assert!(begin > u32::MAX as u64);
