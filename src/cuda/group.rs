@@ -19,7 +19,9 @@
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, DeviceSlice, ValidAsZeroBits,
+};
 
 use super::CudaBackend;
 use crate::config::PerturbStatus;
@@ -357,12 +359,26 @@ impl<'a> ParamGroup<'a> {
     /// backend's context. Every tensor starts with a gradient.
     ///
     /// Errors as [`describe`]: lengths that differ, no tensors, an
-    /// unsupported `(P, G)` pair, overlapping views.
+    /// unsupported `(P, G)` pair, overlapping views; and a view of another
+    /// context than the backend's.
     pub fn new<P: Element, G: Element>(
         backend: &CudaBackend,
         tensors: &[TensorViews<'a, P, G>],
     ) -> Result<Self> {
         let stream = backend.stream();
+        let ctx = backend.context();
+        for (i, t) in tensors.iter().enumerate() {
+            let same = t.param.stream().context() == ctx
+                && t.grad.stream().context() == ctx
+                && t.backup
+                    .as_ref()
+                    .is_none_or(|v| v.stream().context() == ctx)
+                && t.master
+                    .as_ref()
+                    .is_none_or(|v| v.stream().context() == ctx)
+                && t.out.as_ref().is_none_or(|v| v.stream().context() == ctx);
+            ensure!(same, "tensor {i}: a buffer belongs to another CUDA context");
+        }
         let raw: Vec<RawTensor> = tensors
             .iter()
             .map(|t| RawTensor {
