@@ -92,7 +92,13 @@ pub struct NormState {
     pub coef: f64,
     /// [`PerturbStatus`] bits of the last perturbation.
     pub status: u32,
-    /// 1 when `sum_sq` is not finite (PyTorch GradScaler's `found_inf`).
+    /// 1 when a gradient element (of a tensor with a gradient) is inf or NaN:
+    /// PyTorch GradScaler's `found_inf`, set by the norm. Like the CPU
+    /// reference's it looks at gradients only: a non-finite θ under the
+    /// adaptive geometry, or a term overflowing f32, makes `sum_sq` non-finite
+    /// (and the perturbation reports `NONFINITE_GRAD`) with `found_inf` 0.
+    /// [`finish`](super::grad_norm::finish) raises it for a non-finite
+    /// all-reduced `sum_sq`.
     pub found_inf: u32,
     pub _pad: [u32; 2],
 }
@@ -461,7 +467,8 @@ impl<'a> ParamGroup<'a> {
         // [chunks with a gradient, all chunks]
         let n_chunks_dev =
             stream.clone_htod(&[chunks.active as u32, chunks.chunks.len() as u32])?;
-        let partials = stream.alloc_zeros::<f64>(norm_grid as usize)?;
+        // One sum and one found-inf flag per block.
+        let partials = stream.alloc_zeros::<f64>(2 * norm_grid as usize)?;
         let counter = stream.alloc_zeros::<u32>(1)?;
         let state = stream.alloc_zeros::<NormState>(1)?;
         Ok(Self {
@@ -581,7 +588,7 @@ impl<'a> ParamGroup<'a> {
     }
 
     /// Blocks of the norm launch (a multiple of the SM count); one f64
-    /// partial each.
+    /// partial (and one flag) each.
     pub fn norm_grid(&self) -> u32 {
         self.norm_grid
     }
