@@ -23,6 +23,7 @@ use cudarc::driver::{
     CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, DeviceSlice, ValidAsZeroBits,
 };
 
+use super::perturb::PerturbMode;
 use super::CudaBackend;
 use crate::config::PerturbStatus;
 use crate::dtype::{DType, Element};
@@ -342,7 +343,8 @@ pub struct ParamGroup<'a> {
     counter: CudaSlice<u32>,
     state: CudaSlice<NormState>,
     norm_grid: u32,
-    apply_grid: u32,
+    perturb_grid: [u32; 3],
+    restore_grid: u32,
     _views: PhantomData<&'a ()>,
 }
 
@@ -450,13 +452,19 @@ impl<'a> ParamGroup<'a> {
         } else {
             param_dtype
         };
-        let norm_fn =
-            backend.function(&format!("grad_norm_{}_{}", theta.name(), grad_dtype.name()))?;
-        let per_sm = norm_fn
-            .occupancy_max_active_blocks_per_multiprocessor(BLOCK_THREADS, 0, None)?
-            .clamp(1, 8);
-        let norm_grid = sm * per_sm;
-        let apply_grid = sm * 4; // perturb and restore are built for 4 blocks per SM
+        let grid_of = |name: String| -> Result<u32> {
+            let per_sm = backend
+                .function(&name)?
+                .occupancy_max_active_blocks_per_multiprocessor(BLOCK_THREADS, 0, None)?;
+            Ok(sm * per_sm.clamp(1, 8))
+        };
+        let (p, g) = (param_dtype.name(), grad_dtype.name());
+        let norm_grid = grid_of(format!("grad_norm_{}_{g}", theta.name()))?;
+        let mut perturb_grid = [0; 3];
+        for (grid, mode) in perturb_grid.iter_mut().zip(PerturbMode::ALL) {
+            *grid = grid_of(format!("perturb_{}_{p}_{g}", mode.kernel_name()))?;
+        }
+        let restore_grid = grid_of(format!("restore_b{}", 8 * param_dtype.size()))?;
 
         let table_dev = stream.clone_htod(&table)?;
         // Every chunk is in the list, so toggling gradients only reorders it.
@@ -486,7 +494,8 @@ impl<'a> ParamGroup<'a> {
             counter,
             state,
             norm_grid,
-            apply_grid,
+            perturb_grid,
+            restore_grid,
             _views: PhantomData,
         })
     }
@@ -593,9 +602,14 @@ impl<'a> ParamGroup<'a> {
         self.norm_grid
     }
 
-    /// Blocks of the perturbation and restore launches.
-    pub fn apply_grid(&self) -> u32 {
-        self.apply_grid
+    /// Blocks of a perturbation launch: as many as fit at once, on every SM.
+    pub fn perturb_grid(&self, mode: PerturbMode) -> u32 {
+        self.perturb_grid[mode as usize]
+    }
+
+    /// Blocks of a restore launch: as many as fit at once, on every SM.
+    pub fn restore_grid(&self) -> u32 {
+        self.restore_grid
     }
 
     pub(crate) fn check_backend(&self, backend: &CudaBackend) -> Result<()> {
