@@ -336,12 +336,17 @@ pub struct ParamGroup<'a> {
     has_grad: Vec<bool>,
     chunks: ChunkMap,
     stream: Arc<CudaStream>,
-    table_dev: CudaSlice<MtTensor>,
+    // Owned device buffers, used through `addrs`.
+    _table_dev: CudaSlice<MtTensor>,
     chunks_dev: CudaSlice<MtChunk>,
     n_chunks_dev: CudaSlice<u32>,
-    partials: CudaSlice<f64>,
-    counter: CudaSlice<u32>,
+    _partials: CudaSlice<f64>,
+    _counter: CudaSlice<u32>,
     state: CudaSlice<NormState>,
+    /// Addresses of the buffers above, taken once: launches pass them as
+    /// plain arguments (no event bookkeeping per launch, capturable in a
+    /// CUDA graph). Order: table, chunks, n_chunks, partials, counter, state.
+    addrs: [u64; 6],
     norm_grid: u32,
     perturb_grid: [u32; 3],
     restore_grid: u32,
@@ -479,6 +484,14 @@ impl<'a> ParamGroup<'a> {
         let partials = stream.alloc_zeros::<f64>(2 * norm_grid as usize)?;
         let counter = stream.alloc_zeros::<u32>(1)?;
         let state = stream.alloc_zeros::<NormState>(1)?;
+        let addrs = [
+            addr(&table_dev, &stream),
+            addr(&chunks_dev, &stream),
+            addr(&n_chunks_dev, &stream),
+            addr(&partials, &stream),
+            addr(&counter, &stream),
+            addr(&state, &stream),
+        ];
         Ok(Self {
             param_dtype,
             grad_dtype,
@@ -487,12 +500,13 @@ impl<'a> ParamGroup<'a> {
             has_grad,
             chunks,
             stream,
-            table_dev,
+            _table_dev: table_dev,
             chunks_dev,
             n_chunks_dev,
-            partials,
-            counter,
+            _partials: partials,
+            _counter: counter,
             state,
+            addrs,
             norm_grid,
             perturb_grid,
             restore_grid,
@@ -586,7 +600,7 @@ impl<'a> ParamGroup<'a> {
     /// The device address of the [`NormState`]; its `sum_sq` (f64) is at
     /// offset 0, for an all-reduce across ranks.
     pub fn state_ptr(&self) -> u64 {
-        self.ptr(&self.state)
+        self.addrs[5]
     }
 
     /// Copies the [`NormState`] to the host. This waits for the stream: call
@@ -620,30 +634,31 @@ impl<'a> ParamGroup<'a> {
         Ok(())
     }
 
-    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
-        let (p, _guard) = s.device_ptr(&self.stream);
-        p
-    }
-
     pub(crate) fn table_ptr(&self) -> u64 {
-        self.ptr(&self.table_dev)
+        self.addrs[0]
     }
 
     pub(crate) fn chunks_ptr(&self) -> u64 {
-        self.ptr(&self.chunks_dev)
+        self.addrs[1]
     }
 
     pub(crate) fn n_chunks_ptr(&self) -> u64 {
-        self.ptr(&self.n_chunks_dev)
+        self.addrs[2]
     }
 
     pub(crate) fn partials_ptr(&self) -> u64 {
-        self.ptr(&self.partials)
+        self.addrs[3]
     }
 
     pub(crate) fn counter_ptr(&self) -> u64 {
-        self.ptr(&self.counter)
+        self.addrs[4]
     }
+}
+
+fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    // The guard only records a read event; the address stays valid while `s` lives.
+    let (p, _guard) = s.device_ptr(stream);
+    p
 }
 
 #[cfg(test)]
