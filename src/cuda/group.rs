@@ -15,6 +15,43 @@
 //!
 //! Everything a step launches goes on the stream the group was built on; no
 //! launch allocates or synchronises.
+//!
+//! One TRAM first step and its restore (two launches, then one):
+//!
+//! ```no_run
+//! use tram_kernels::cuda::grad_norm::{grad_norm, NormOptions};
+//! use tram_kernels::cuda::group::{ParamGroup, TensorViews};
+//! use tram_kernels::cuda::perturb::{perturb, PerturbMode, PerturbOptions};
+//! use tram_kernels::cuda::{restore::restore, CudaBackend};
+//! use tram_kernels::{Geometry, Radius};
+//! # fn main() -> tram_kernels::Result<()> {
+//! let gpu = CudaBackend::new(0)?;
+//! let s = gpu.stream();
+//! let (theta, grad) = (s.clone_htod(&[0.5f32; 1000])?, s.clone_htod(&[0.1f32; 1000])?);
+//! let backup = s.alloc_zeros::<f32>(1000)?;
+//! let d = s.clone_htod(&[0.3f32])?; // the divergence, e.g. from the KL kernel
+//! let tensors = [TensorViews {
+//!     param: theta.as_view(),
+//!     grad: grad.as_view(),
+//!     backup: Some(backup.as_view()),
+//!     master: None,
+//!     out: None,
+//! }];
+//! let group = ParamGroup::new(&gpu, &tensors)?; // once
+//! // Every step:
+//! let (geometry, inv_scale) = (Geometry::Sam, 1.0);
+//! grad_norm(&gpu, &group, NormOptions { geometry, inv_scale })?;
+//! let radius = Radius::TrustRegion { delta: 0.5 };
+//! let mode = PerturbMode::InPlace;
+//! perturb(&gpu, &group, PerturbOptions { geometry, radius, inv_scale, mode }, Some(&d.as_view()))?;
+//! // ... forward and backward at θ + ε ...
+//! restore(&gpu, &group)?;
+//! // Later, outside the step:
+//! let status = group.read_state()?.perturb_status();
+//! # let _ = status;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::marker::PhantomData;
 use std::sync::Arc;
