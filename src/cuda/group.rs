@@ -487,7 +487,9 @@ impl<'a> ParamGroup<'a> {
         let chunks = chunk_map(&lens, &has_grad)?;
         let stream = backend.stream().clone();
 
-        // Fill the GPU: as many blocks as fit on every SM at once.
+        // Fill the GPU: as many blocks as fit on every SM at once. (The
+        // occupancy queries need the context current on this thread.)
+        backend.context().bind_to_thread()?;
         let sm = backend.sm_count();
         let theta = if roles.master {
             DType::F32
