@@ -6,12 +6,12 @@
 //! parameter, gradient, backup, master and output addresses, see [`Slot`],
 //! and its 64-bit length) and a device list of [`MtChunk`]s: the tensors that
 //! have a gradient this step, cut into chunks of [`MT_CHUNK`] elements, then
-//! those of the other tensors (see [`ChunkMap`]). Both
-//! are built on the host by plain functions ([`describe`], [`chunk_map`]) and
-//! uploaded when the group is built; [`ParamGroup::set_has_grad`] rebuilds
-//! only the chunk list. The group also owns the workspace of the norm (one
-//! f64 partial per block and a counter) and the device [`NormState`] that the
-//! norm, the perturbation and the host read.
+//! those of the other tensors (see [`ChunkMap`]). Both are built on the host
+//! by plain functions ([`describe`], [`chunk_map`]) and uploaded when the
+//! group is built; [`ParamGroup::set_has_grad`] rebuilds only the chunk list,
+//! into the same device buffer. The group also owns the workspace of the norm
+//! (an f64 partial and a found-inf flag per block, and a counter) and the
+//! device [`NormState`] that the norm, the perturbation and the host read.
 //!
 //! Everything a step launches goes on the stream the group was built on; no
 //! launch allocates or synchronises.
