@@ -285,7 +285,7 @@ pub fn describe(
                 .checked_mul(size as u64)
                 .and_then(|n| b.ptr.checked_add(n));
             let Some(end) = bytes else {
-                return Err(crate::Error::invalid(format!(
+                return Err(crate::Error::InvalidArgument(format!(
                     "tensor {i}: {name} extends past the address space"
                 )));
             };
