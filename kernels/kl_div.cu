@@ -575,6 +575,8 @@ extern "C" __global__ void __launch_bounds__(KL_FINISH_THREADS, 1)
 
 // ---------------------------------------------------------------------------
 // Pass 2: gradients. ga = dL/da, gb = dL/db (either may be null), dtype T.
+// An output may be its own input (in place): each element is read, then
+// written, by one thread, so a and b carry no __restrict__ here.
 template <typename T> struct GradRow {
     typedef typename Wide<T>::type D;
     D c_f, c_r;
@@ -616,7 +618,7 @@ KL_HD void grad_elem(const GradRow<T>& g, float ra, float rb, float& ga, float& 
 }
 
 template <typename T, bool SYM>
-__device__ void kl_grad(const T* __restrict__ a, long long a_stride, const T* __restrict__ b, long long b_stride,
+__device__ void kl_grad(const T* a, long long a_stride, const T* b, long long b_stride,
                         const unsigned char* __restrict__ mask, long long vocab, int bpr, long long chunk,
                         float inv_tau, const KlRowStats* __restrict__ stats, const double* __restrict__ scalars,
                         float upstream, const float* __restrict__ upstream_dev, T* ga, long long ga_stride, T* gb,

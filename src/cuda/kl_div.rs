@@ -73,10 +73,6 @@ pub const CHUNK_ALIGN: usize = 8;
 /// `KlPartial` in the kernel.
 const PARTIAL_BYTES: usize = 104;
 
-/// Row flags (`KL_*` in the kernel).
-const FLAG_NAN: u32 = 1;
-const FLAG_MASKED: u32 = 8;
-
 /// The per-row statistics the kernels keep in the workspace (`KlRowStats`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
@@ -233,8 +229,11 @@ impl KlWorkspace {
         );
         let stream = backend.stream();
         let scalars = stream.clone_dtoh(&self.scalars)?;
-        let bytes =
-            stream.clone_dtoh(&self.stats.slice(..rows * std::mem::size_of::<RowStats>()))?;
+        let bytes = if rows == 0 {
+            Vec::new()
+        } else {
+            stream.clone_dtoh(&self.stats.slice(..rows * std::mem::size_of::<RowStats>()))?
+        };
         stream.synchronize()?;
         let per_row = bytes
             .chunks_exact(std::mem::size_of::<RowStats>())
@@ -247,23 +246,6 @@ impl KlWorkspace {
             unmasked_rows,
             all_masked: unmasked_rows == 0,
         })
-    }
-
-    /// Row flags of the last call (NaN / masked bits), for tests.
-    #[doc(hidden)]
-    pub fn row_flags(&self, backend: &CudaBackend, rows: usize) -> Result<Vec<(bool, bool)>> {
-        ensure!(rows <= self.max_rows, "too many rows");
-        let stream = backend.stream();
-        let bytes =
-            stream.clone_dtoh(&self.stats.slice(..rows * std::mem::size_of::<RowStats>()))?;
-        stream.synchronize()?;
-        Ok(bytes
-            .chunks_exact(std::mem::size_of::<RowStats>())
-            .map(|c| {
-                let f = bytemuck::pod_read_unaligned::<RowStats>(c).flags;
-                (f & FLAG_NAN != 0, f & FLAG_MASKED != 0)
-            })
-            .collect())
     }
 }
 
