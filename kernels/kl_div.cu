@@ -363,12 +363,19 @@ template <typename T> struct Vec {
     static constexpr int N = 16 / sizeof(T);
 };
 
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* p, float (&out)[Vec<T>::N]) {
-    uint4 u = *reinterpret_cast<const uint4*>(p);
+template <typename T> __device__ __forceinline__ uint4 load_raw(const T* p) {
+    return *reinterpret_cast<const uint4*>(p);
+}
+
+template <typename T> __device__ __forceinline__ void unpack(const uint4& u, float (&out)[Vec<T>::N]) {
     const T* e = reinterpret_cast<const T*>(&u);
 #pragma unroll
     for (int i = 0; i < Vec<T>::N; i++) out[i] = to_f32(e[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[Vec<T>::N]) {
+    unpack<T>(load_raw(p), out);
 }
 
 template <typename T>
@@ -436,10 +443,20 @@ __device__ void kl_partials(const T* __restrict__ a, long long a_stride, const T
     }
     const T* va = pa + head;
     const T* vb = pb + head;
+    // The next vector's loads are in flight while this one is accumulated.
+    uint4 ua = {0u, 0u, 0u, 0u}, ub = ua;
+    if (tid < nvec) {
+        ua = load_raw(va + (long long)tid * N);
+        ub = load_raw(vb + (long long)tid * N);
+    }
     for (long long v = tid; v < nvec; v += KL_THREADS) {
         float ra[N], rb[N];
-        load_vec<T>(va + v * N, ra);
-        load_vec<T>(vb + v * N, rb);
+        unpack<T>(ua, ra);
+        unpack<T>(ub, rb);
+        if (v + KL_THREADS < nvec) {
+            ua = load_raw(va + (v + KL_THREADS) * N);
+            ub = load_raw(vb + (v + KL_THREADS) * N);
+        }
         accumulate<T, SYM, N>(t, ra, rb, inv_tau);
     }
     for (long long i = head + nvec * N + tid; i < len; i += KL_THREADS) {
