@@ -13,7 +13,9 @@ pub mod cuda;
 pub mod dtype;
 pub mod error;
 
-pub use config::{Geometry, KlDirection, KlOptions, PerturbStatus, Radius, Reduction};
+pub use config::{
+    BaseOptimizer, Geometry, KlDirection, KlOptions, PerturbStatus, Radius, Reduction, StepCounter,
+};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};

@@ -3,5 +3,6 @@
 
 pub mod grad_norm;
 pub mod kl_div;
+pub mod optimizer;
 pub mod perturb;
 pub mod restore;
