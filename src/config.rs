@@ -278,3 +278,34 @@ impl StepCounter {
         }
     }
 }
+
+/// The distribution of TRAM-x's embedding noise z.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NoiseDistribution {
+    /// z ~ U(−σ, σ) (open interval; 2²⁴ equally spaced values).
+    Uniform,
+    /// z ~ N(0, σ²) by Box–Muller (|z| ≤ 6.67σ: 32-bit uniforms).
+    Gaussian,
+}
+
+/// TRAM-x noise: distribution, scale σ and the generator's seed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NoiseConfig {
+    pub distribution: NoiseDistribution,
+    /// Must be finite and >= 0.
+    pub sigma: f32,
+    /// The Philox key; the step and the element index form the counter.
+    pub seed: u64,
+}
+
+impl NoiseConfig {
+    /// σ must be finite and >= 0.
+    pub fn validate(&self) -> crate::Result<()> {
+        let s = self.sigma;
+        crate::error::ensure!(
+            s.is_finite() && s >= 0.0,
+            "noise σ {s} must be finite and >= 0"
+        );
+        Ok(())
+    }
+}

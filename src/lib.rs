@@ -14,7 +14,8 @@ pub mod dtype;
 pub mod error;
 
 pub use config::{
-    BaseOptimizer, Geometry, KlDirection, KlOptions, PerturbStatus, Radius, Reduction, StepCounter,
+    BaseOptimizer, Geometry, KlDirection, KlOptions, NoiseConfig, NoiseDistribution, PerturbStatus,
+    Radius, Reduction, StepCounter,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

@@ -1,8 +1,10 @@
 //! The CPU reference: rayon-parallel, f64 accumulation. It is the oracle of
 //! every GPU test, so accuracy comes before speed here.
 
+pub mod ema;
 pub mod grad_norm;
 pub mod kl_div;
+pub mod noise;
 pub mod optimizer;
 pub mod perturb;
 pub mod restore;
