@@ -3,6 +3,10 @@
 //! and the CUDA kernel against the CPU reference (bit for bit: both evaluate the
 //! same f64 operations in the same order).
 
+// The oracles index several arrays in step, as the formulas are written.
+#![allow(clippy::needless_range_loop)]
+
+#[macro_use]
 mod common;
 
 use rand::rngs::SmallRng;
@@ -531,7 +535,7 @@ fn bad_input_is_an_error() {
     ));
 
     let backup = vec![1.0f32; 8];
-    let g = vec![1.0f32; 8];
+    let g = [1.0f32; 8];
     let short = vec![1.0f32; 7];
     for which in 0..4 {
         let mut param = vec![0.0f32; 8];
@@ -554,5 +558,326 @@ fn bad_input_is_an_error() {
         // Nothing was touched and the step count did not move.
         assert_eq!(opt.step_count(), 0);
         assert!(param.iter().all(|&x| x == 0.0));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// CUDA against the CPU reference: same f64 operations, so the same bits.
+
+mod gpu {
+    use super::*;
+    use cudarc::driver::{CudaSlice, DeviceRepr};
+    use tram_kernels::cuda::optimizer::{
+        DeviceUpdateTensor, DeviceWeights, FusedOptimizer as GpuOptimizer, UpdateGroup,
+    };
+    use tram_kernels::cuda::CudaBackend;
+    use tram_kernels::{f16, Element};
+
+    /// Sizes, with the element offset each view starts at inside its buffer
+    /// (odd offsets: views that start off any vector alignment).
+    const TENSORS: [(usize, usize); 6] = [
+        (1, 0),
+        (3, 1),
+        (1000, 3),
+        (65_543, 0),
+        (200_003, 5),
+        (70_001, 1),
+    ];
+    /// This tensor gets no gradient in step 2 (restore only).
+    const NO_GRAD: (usize, usize) = (2, 2);
+
+    struct Tensor<P, G> {
+        src_p: Vec<P>,
+        src_m: Vec<f32>,
+        param: Vec<P>,
+        grad: Vec<G>,
+        m: Vec<f32>,
+        v: Vec<f32>,
+        decays: bool,
+    }
+
+    fn poison<P: Element>(n: usize) -> Vec<P> {
+        vec![P::from_f32(f32::from_bits(0x7fc0_dead)); n]
+    }
+
+    fn upload<T: DeviceRepr + Copy>(
+        gpu: &CudaBackend,
+        x: &[T],
+        off: usize,
+        fill: T,
+    ) -> CudaSlice<T> {
+        let mut h = vec![fill; off];
+        h.extend_from_slice(x);
+        gpu.stream().clone_htod(&h).unwrap()
+    }
+
+    fn download<T: DeviceRepr + Copy + Default>(
+        gpu: &CudaBackend,
+        d: &CudaSlice<T>,
+        off: usize,
+    ) -> Vec<T> {
+        gpu.stream().clone_dtoh(d).unwrap()[off..].to_vec()
+    }
+
+    fn bits<T: Element>(x: &[T]) -> Vec<u32> {
+        x.iter().map(|v| v.to_bits_u32()).collect()
+    }
+
+    fn run<P: Element + DeviceRepr, G: Element + DeviceRepr>(
+        gpu: &CudaBackend,
+        opt: BaseOptimizer,
+        master: bool,
+    ) {
+        let mut rng = SmallRng::seed_from_u64(99);
+        let mut ts: Vec<Tensor<P, G>> = TENSORS
+            .iter()
+            .enumerate()
+            .map(|(k, &(n, _))| {
+                let w = randn(&mut rng, n, 1.0);
+                Tensor {
+                    src_p: w.iter().map(|&x| P::from_f64(x)).collect(),
+                    src_m: to_f32(&w),
+                    param: poison(n),
+                    grad: vec![],
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                    decays: k % 2 == 1,
+                }
+            })
+            .collect();
+        let mut cpu = FusedOptimizer::new(opt, 1e-2).unwrap();
+        let mut dev = GpuOptimizer::new(gpu, opt, 1e-2).unwrap();
+        for step in 1..=3usize {
+            let lr = [1e-2f32, 3e-2, 5e-3][step - 1];
+            cpu.set_lr(lr).unwrap();
+            dev.set_lr(gpu, lr).unwrap();
+            for t in &mut ts {
+                let n = t.param.len();
+                t.grad = randn(&mut rng, n, 0.3)
+                    .iter()
+                    .map(|&x| G::from_f64(x))
+                    .collect();
+                t.param = poison(n);
+            }
+            // Device copies of the inputs.
+            let mut d: Vec<_> = ts
+                .iter()
+                .zip(TENSORS)
+                .map(|(t, (_, off))| {
+                    (
+                        upload(gpu, &t.src_p, off, P::default()),
+                        upload(gpu, &t.src_m, off, 0.0f32),
+                        upload(gpu, &t.param, off, P::default()),
+                        upload(gpu, &t.grad, off, G::default()),
+                        upload(gpu, &t.m, off, 0.0f32),
+                        upload(gpu, &t.v, off, 0.0f32),
+                    )
+                })
+                .collect();
+            {
+                let views: Vec<DeviceUpdateTensor<P, G>> = d
+                    .iter_mut()
+                    .zip(TENSORS)
+                    .enumerate()
+                    .map(|(k, ((sp, sm, p, g, m, v), (n, off)))| DeviceUpdateTensor {
+                        weights: if master {
+                            DeviceWeights::Master {
+                                master: sm.slice_mut(off..off + n),
+                                param: p.slice_mut(off..off + n),
+                            }
+                        } else {
+                            DeviceWeights::Restore {
+                                backup: sp.slice(off..off + n),
+                                param: p.slice_mut(off..off + n),
+                            }
+                        },
+                        grad: if (k, step) == NO_GRAD {
+                            None
+                        } else {
+                            Some(g.slice(off..off + n))
+                        },
+                        m: opt.uses_m().then(|| m.slice_mut(off..off + n)),
+                        v: opt.uses_v().then(|| v.slice_mut(off..off + n)),
+                        weight_decay: ts[k].decays,
+                    })
+                    .collect();
+                let group = UpdateGroup::new(gpu, views).unwrap();
+                dev.step(gpu, &group).unwrap();
+            }
+            // The CPU reference on the same inputs.
+            {
+                let mut ups: Vec<UpdateTensor<P, G>> = ts
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(k, t)| UpdateTensor {
+                        weights: if master {
+                            Weights::Master {
+                                master: &mut t.src_m,
+                                param: &mut t.param,
+                            }
+                        } else {
+                            Weights::Restore {
+                                backup: &t.src_p,
+                                param: &mut t.param,
+                            }
+                        },
+                        grad: if (k, step) == NO_GRAD {
+                            None
+                        } else {
+                            Some(&t.grad[..])
+                        },
+                        m: &mut t.m,
+                        v: &mut t.v,
+                        weight_decay: t.decays,
+                    })
+                    .collect();
+                cpu.step(&mut ups).unwrap();
+            }
+            assert_eq!(
+                dev.counter(gpu).unwrap(),
+                cpu.counter(),
+                "step counter after step {step}"
+            );
+            for (k, (t, (dsp, dsm, dp, _, dm, dv))) in ts.iter_mut().zip(&d).enumerate() {
+                let off = TENSORS[k].1;
+                let ctx = format!("{opt:?} master={master} step {step} tensor {k}");
+                assert_eq!(
+                    bits(&download(gpu, dp, off)),
+                    bits(&t.param),
+                    "param: {ctx}"
+                );
+                if master {
+                    assert_eq!(
+                        bits(&download(gpu, dsm, off)),
+                        bits(&t.src_m),
+                        "master: {ctx}"
+                    );
+                } else {
+                    // The backup is read only.
+                    assert_eq!(
+                        bits(&download(gpu, dsp, off)),
+                        bits(&t.src_p),
+                        "backup: {ctx}"
+                    );
+                }
+                if opt.uses_m() {
+                    assert_eq!(bits(&download(gpu, dm, off)), bits(&t.m), "m: {ctx}");
+                }
+                if opt.uses_v() {
+                    assert_eq!(bits(&download(gpu, dv, off)), bits(&t.v), "v: {ctx}");
+                }
+                // The next step restores from this one's result.
+                if !master {
+                    t.src_p = t.param.clone();
+                }
+            }
+        }
+    }
+
+    fn all_optimizers() -> [BaseOptimizer; 4] {
+        [
+            adamw_cfg(),
+            BaseOptimizer::Sgd {
+                momentum: 0.9,
+                dampening: 0.1,
+                weight_decay: 1e-2,
+                nesterov: false,
+            },
+            BaseOptimizer::Sgd {
+                momentum: 0.9,
+                dampening: 0.0,
+                weight_decay: 1e-2,
+                nesterov: true,
+            },
+            BaseOptimizer::Sgd {
+                momentum: 0.0,
+                dampening: 0.0,
+                weight_decay: 1e-2,
+                nesterov: false,
+            },
+        ]
+    }
+
+    #[test]
+    fn gpu_update_matches_cpu_bit_for_bit() {
+        let gpu = gpu_or_skip!();
+        for opt in all_optimizers() {
+            run::<f32, f32>(&gpu, opt, false);
+            run::<bf16, bf16>(&gpu, opt, false);
+            run::<bf16, f32>(&gpu, opt, true);
+            run::<f16, f16>(&gpu, opt, true);
+            run::<f16, f32>(&gpu, opt, false);
+        }
+    }
+
+    #[test]
+    fn gpu_step_count_and_bad_groups() {
+        let gpu = gpu_or_skip!();
+        let mut dev = GpuOptimizer::new(&gpu, adamw_cfg(), 1e-3).unwrap();
+        dev.set_step_count(&gpu, 41).unwrap();
+        assert_eq!(
+            dev.counter(&gpu).unwrap(),
+            tram_kernels::StepCounter::at(&adamw_cfg(), 41)
+        );
+        assert!(matches!(
+            dev.set_lr(&gpu, f32::NAN),
+            Err(Error::InvalidArgument(_))
+        ));
+        let s = gpu.stream();
+        let backup = s.clone_htod(&[1.0f32; 8]).unwrap();
+        let mut param = s.clone_htod(&[0.0f32; 8]).unwrap();
+        let g = s.clone_htod(&[1.0f32; 7]).unwrap();
+        let bad = UpdateGroup::new(
+            &gpu,
+            vec![DeviceUpdateTensor::<f32, f32> {
+                weights: DeviceWeights::Restore {
+                    backup: backup.slice(..),
+                    param: param.slice_mut(..),
+                },
+                grad: Some(g.slice(..)),
+                m: None,
+                v: None,
+                weight_decay: false,
+            }],
+        );
+        assert!(matches!(bad, Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            UpdateGroup::new::<f32, f32>(&gpu, vec![]),
+            Err(Error::InvalidArgument(_))
+        ));
+        // AdamW needs m and v.
+        let group = UpdateGroup::new(
+            &gpu,
+            vec![DeviceUpdateTensor::<f32, f32> {
+                weights: DeviceWeights::Restore {
+                    backup: backup.slice(..),
+                    param: param.slice_mut(..),
+                },
+                grad: Some(g.slice(..7)),
+                m: None,
+                v: None,
+                weight_decay: false,
+            }],
+        );
+        assert!(group.is_err(), "grad shorter than param");
+        let full_g = s.clone_htod(&[1.0f32; 8]).unwrap();
+        let group = UpdateGroup::new(
+            &gpu,
+            vec![DeviceUpdateTensor::<f32, f32> {
+                weights: DeviceWeights::Restore {
+                    backup: backup.slice(..),
+                    param: param.slice_mut(..),
+                },
+                grad: Some(full_g.slice(..)),
+                m: None,
+                v: None,
+                weight_decay: false,
+            }],
+        )
+        .unwrap();
+        assert!(matches!(
+            dev.step(&gpu, &group),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 }

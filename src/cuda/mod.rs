@@ -5,6 +5,7 @@
 pub mod grad_norm;
 pub mod group;
 pub mod kl_div;
+pub mod optimizer;
 pub mod perturb;
 pub mod ptx;
 pub mod restore;
