@@ -1,6 +1,7 @@
 //! TRAM-θ target upkeep θ̄ ← λ·θ̄ + (1−λ)·θ: the CPU reference against f64,
 //! the λ = 0 / λ = 1 edge cases bit for bit, and the CUDA kernel against the CPU.
 
+#[macro_use]
 mod common;
 
 use rand::rngs::SmallRng;
@@ -145,4 +146,127 @@ fn bad_input_is_an_error() {
         ema_update::<f32, f32>(&mut [], 0.5),
         Err(Error::InvalidArgument(_))
     ));
+}
+
+mod gpu {
+    use super::*;
+    use cudarc::driver::DeviceRepr;
+    use tram_kernels::cuda::ema::{ema_update as gpu_ema, DeviceEmaTensor, EmaGroup};
+    use tram_kernels::cuda::CudaBackend;
+    use tram_kernels::{f16, Element};
+
+    /// (elements, offset of the view inside its buffer).
+    const TENSORS: [(usize, usize); 5] = [(1, 0), (7, 1), (65_537, 3), (200_003, 0), (1000, 5)];
+
+    fn run<T: Element + DeviceRepr, P: Element + DeviceRepr>(gpu: &CudaBackend, lambda: f32) {
+        let mut rng = SmallRng::seed_from_u64(24);
+        let s = gpu.stream();
+        let mut targets: Vec<Vec<T>> = TENSORS
+            .iter()
+            .map(|&(n, _)| rand_vec(&mut rng, n).into_iter().map(T::from_f32).collect())
+            .collect();
+        let thetas: Vec<Vec<P>> = TENSORS
+            .iter()
+            .map(|&(n, _)| rand_vec(&mut rng, n).into_iter().map(P::from_f32).collect())
+            .collect();
+        let mut d_t: Vec<_> = targets
+            .iter()
+            .zip(TENSORS)
+            .map(|(t, (_, off))| {
+                let mut h = vec![T::from_f32(f32::NAN); off];
+                h.extend_from_slice(t);
+                s.clone_htod(&h).unwrap()
+            })
+            .collect();
+        let d_th: Vec<_> = thetas
+            .iter()
+            .zip(TENSORS)
+            .map(|(t, (_, off))| {
+                let mut h = vec![P::from_f32(f32::NAN); off];
+                h.extend_from_slice(t);
+                s.clone_htod(&h).unwrap()
+            })
+            .collect();
+        {
+            let views = d_t
+                .iter_mut()
+                .zip(&d_th)
+                .zip(TENSORS)
+                .map(|((t, th), (n, off))| DeviceEmaTensor {
+                    target: t.slice_mut(off..off + n),
+                    theta: th.slice(off..off + n),
+                })
+                .collect();
+            let group = EmaGroup::new(gpu, views).unwrap();
+            gpu_ema(gpu, &group, lambda).unwrap();
+        }
+        let mut ts: Vec<EmaTensor<T, P>> = targets
+            .iter_mut()
+            .zip(&thetas)
+            .map(|(t, th)| EmaTensor {
+                target: t,
+                theta: th,
+            })
+            .collect();
+        ema_update(&mut ts, lambda).unwrap();
+        for (k, (d, want)) in d_t.iter().zip(&targets).enumerate() {
+            let off = TENSORS[k].1;
+            let got = s.clone_dtoh(d).unwrap();
+            for i in 0..want.len() {
+                assert_eq!(
+                    got[off + i].to_bits_u32(),
+                    want[i].to_bits_u32(),
+                    "λ {lambda} tensor {k} element {i}"
+                );
+            }
+            // The padding before the view is untouched.
+            assert!(got[..off].iter().all(|x| x.to_f32().is_nan()));
+        }
+    }
+
+    #[test]
+    fn gpu_ema_matches_cpu_bit_for_bit() {
+        let gpu = gpu_or_skip!();
+        for lambda in [0.5f32, 0.9, 0.999, 1e-3, 0.0, 1.0] {
+            run::<f32, f32>(&gpu, lambda);
+            run::<bf16, f32>(&gpu, lambda);
+            run::<bf16, bf16>(&gpu, lambda);
+            run::<f16, f16>(&gpu, lambda);
+            run::<f32, bf16>(&gpu, lambda);
+        }
+    }
+
+    #[test]
+    fn gpu_bad_input_is_an_error() {
+        let gpu = gpu_or_skip!();
+        let s = gpu.stream();
+        let mut t = s.clone_htod(&[0.0f32; 8]).unwrap();
+        let th = s.clone_htod(&[1.0f32; 8]).unwrap();
+        let bad = EmaGroup::new(
+            &gpu,
+            vec![DeviceEmaTensor {
+                target: t.slice_mut(..7),
+                theta: th.slice(..),
+            }],
+        );
+        assert!(matches!(bad, Err(Error::InvalidArgument(_))));
+        let group = EmaGroup::new(
+            &gpu,
+            vec![DeviceEmaTensor {
+                target: t.slice_mut(..),
+                theta: th.slice(..),
+            }],
+        )
+        .unwrap();
+        for lambda in [-0.5f32, 1.01, f32::NAN] {
+            assert!(matches!(
+                gpu_ema(&gpu, &group, lambda),
+                Err(Error::InvalidArgument(_))
+            ));
+        }
+        assert!(matches!(
+            EmaGroup::new::<f32, f32>(&gpu, vec![]),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
 }

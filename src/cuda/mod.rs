@@ -2,6 +2,7 @@
 //! caller's stream. Each operation has a launcher here beside its kernel file
 //! in `kernels/` and its CPU reference in `src/cpu/` (same file stem).
 
+pub mod ema;
 pub mod grad_norm;
 pub mod group;
 pub mod kl_div;

@@ -29,8 +29,8 @@ use crate::error::{ensure, Error, Result};
 // as `OptCounter` in kernels/optimizer.cu; any bit pattern is valid.
 unsafe impl DeviceRepr for StepCounter {}
 
-/// Elements per chunk (mirrors `OPT_CHUNK`).
-const CHUNK: u64 = 65536;
+/// Elements per chunk (mirrors `OPT_CHUNK` and `EMA_CHUNK`).
+pub(crate) const CHUNK: u64 = 65536;
 /// u64 words per table row (mirrors `OptTensor`).
 const ROW: usize = 7;
 const THREADS: u32 = 256;
@@ -220,7 +220,6 @@ fn build(
     );
     let src_size = if master { 4 } else { param.size() as u64 };
     let mut table = Vec::with_capacity(tensors.len() * ROW);
-    let mut chunks = Vec::new();
     for (i, t) in tensors.iter().enumerate() {
         ensure!(
             t.param != 0 && t.source != 0,
@@ -244,8 +243,33 @@ fn build(
             t.len,
             t.weight_decay as u64,
         ]);
-        let n = t.len.div_ceil(CHUNK);
-        ensure!(n <= u32::MAX as u64, "tensor {i} is too long");
+    }
+    let (chunks, n_chunks) = chunk_list(tensors.iter().map(|t| t.len))?;
+    let stream = backend.stream();
+    Ok(UpdateGroup {
+        table: stream.clone_htod(&table)?,
+        chunks: stream.clone_htod(&chunks)?,
+        n_chunks,
+        param,
+        grad,
+        master,
+        all_m: tensors.iter().all(|t| t.m != 0 || t.len == 0),
+        all_v: tensors.iter().all(|t| t.v != 0 || t.len == 0),
+        _borrow: PhantomData,
+    })
+}
+
+/// The (tensor, chunk index) pairs covering tensors of these lengths in
+/// `CHUNK`-element pieces, flattened, and their count. Never empty (a dummy
+/// pair when every tensor is empty, so the allocation is valid; never read).
+pub(crate) fn chunk_list(lens: impl Iterator<Item = u64>) -> Result<(Vec<u32>, u32)> {
+    let mut chunks = Vec::new();
+    for (i, len) in lens.enumerate() {
+        let n = len.div_ceil(CHUNK);
+        ensure!(
+            i <= u32::MAX as usize && n <= u32::MAX as u64,
+            "tensor {i}: too many tensors or elements for one group"
+        );
         for c in 0..n {
             chunks.extend_from_slice(&[i as u32, c as u32]);
         }
@@ -256,20 +280,9 @@ fn build(
         "too many chunks in one group"
     );
     if chunks.is_empty() {
-        chunks.extend_from_slice(&[0, 0]); // a valid allocation; never read
+        chunks.extend_from_slice(&[0, 0]);
     }
-    let stream = backend.stream();
-    Ok(UpdateGroup {
-        table: stream.clone_htod(&table)?,
-        chunks: stream.clone_htod(&chunks)?,
-        n_chunks: n_chunks as u32,
-        param,
-        grad,
-        master,
-        all_m: tensors.iter().all(|t| t.m != 0 || t.len == 0),
-        all_v: tensors.iter().all(|t| t.v != 0 || t.len == 0),
-        _borrow: PhantomData,
-    })
+    Ok((chunks, n_chunks as u32))
 }
 
 /// Indices into the 8-float hyperparameter block (mirrors `OptHyper`).
