@@ -1,6 +1,7 @@
 //! TRAM-x noise: Philox4x32-10 against the Random123 known answers, the
 //! distributions' moments, and the CUDA kernel against the CPU reference.
 
+#[macro_use]
 mod common;
 
 use rand::rngs::SmallRng;
@@ -151,4 +152,121 @@ fn bad_input_is_an_error() {
     // σ = 0 is no noise.
     add_noise(&e, &mut out, &cfg(NoiseDistribution::Gaussian, 0.0), 0).unwrap();
     assert_eq!(out, e);
+}
+
+mod gpu {
+    use super::*;
+    use cudarc::driver::DeviceRepr;
+    use tram_kernels::cpu::noise::noise_value;
+    use tram_kernels::cuda::noise::{
+        add_noise as gpu_noise, add_noise_inplace as gpu_noise_inplace, NoiseStep,
+    };
+    use tram_kernels::cuda::CudaBackend;
+    use tram_kernels::{f16, Element};
+
+    fn run<T: Element + DeviceRepr>(
+        gpu: &CudaBackend,
+        dist: NoiseDistribution,
+        n: usize,
+        off: usize,
+    ) {
+        let c = cfg(dist, 0.3);
+        let mut rng = SmallRng::seed_from_u64(n as u64);
+        let e: Vec<T> = (0..n)
+            .map(|_| T::from_f32(rng.random_range(-2.0..2.0)))
+            .collect();
+        let s = gpu.stream();
+        let mut h = vec![T::from_f32(f32::NAN); off];
+        h.extend_from_slice(&e);
+        let d_in = s.clone_htod(&h).unwrap();
+        let poison = vec![T::from_f32(f32::from_bits(0x7fc0_beef)); off + n + 3];
+        let mut d_out = s.clone_htod(&poison).unwrap();
+        let mut step = NoiseStep::new(gpu, 41).unwrap();
+        step.advance(gpu).unwrap(); // step 42 on the device
+        assert_eq!(step.get(gpu).unwrap(), 42);
+        gpu_noise(
+            gpu,
+            &d_in.slice(off..off + n),
+            &mut d_out.slice_mut(off..off + n),
+            &c,
+            &step,
+        )
+        .unwrap();
+        let got = s.clone_dtoh(&d_out).unwrap();
+        let mut want = vec![T::default(); n];
+        add_noise(&e, &mut want, &c, 42).unwrap();
+        for i in 0..n {
+            let (g, w) = (got[off + i], want[i]);
+            match dist {
+                NoiseDistribution::Uniform => {
+                    assert_eq!(
+                        g.to_bits_u32(),
+                        w.to_bits_u32(),
+                        "uniform element {i} of {n}"
+                    )
+                }
+                NoiseDistribution::Gaussian => {
+                    // z within 1 ulp of f32 (libm vs CUDA f64 log/sin/cos), then
+                    // one rounding of e + z to T (which that last bit may move by
+                    // one ulp of T): compare at the z level.
+                    let z = noise_value(&c, 42, i as u64) as f64;
+                    let tol = 1e-6 * z.abs()
+                        + 1e-12
+                        + if T::DTYPE == tram_kernels::DType::F32 {
+                            0.0
+                        } else {
+                            2f64.powi(-7) * w.to_f64().abs()
+                        };
+                    assert!(
+                        (g.to_f64() - w.to_f64()).abs() <= tol,
+                        "gaussian element {i}: {g:?} vs {w:?}"
+                    );
+                }
+            }
+        }
+        // Nothing outside the view was written.
+        assert!(got[..off]
+            .iter()
+            .chain(&got[off + n..])
+            .all(|x| x.to_bits_u32() == poison[0].to_bits_u32()));
+        // In place gives the same as out of place.
+        let mut d_x = s.clone_htod(&e).unwrap();
+        gpu_noise_inplace(gpu, &mut d_x.slice_mut(..), &c, &step).unwrap();
+        let inplace = s.clone_dtoh(&d_x).unwrap();
+        assert!(inplace
+            .iter()
+            .zip(&got[off..off + n])
+            .all(|(a, b)| a.to_bits_u32() == b.to_bits_u32()));
+    }
+
+    #[test]
+    fn gpu_noise_matches_cpu() {
+        let gpu = gpu_or_skip!();
+        for dist in [NoiseDistribution::Uniform, NoiseDistribution::Gaussian] {
+            for (n, off) in [(1, 0), (7, 1), (4096, 0), (1_000_003, 3)] {
+                run::<f32>(&gpu, dist, n, off);
+                run::<bf16>(&gpu, dist, n, off);
+                run::<f16>(&gpu, dist, n, off);
+            }
+        }
+    }
+
+    #[test]
+    fn gpu_bad_input_is_an_error() {
+        let gpu = gpu_or_skip!();
+        let s = gpu.stream();
+        let d = s.clone_htod(&[1.0f32; 8]).unwrap();
+        let mut o = s.clone_htod(&[0.0f32; 8]).unwrap();
+        let step = NoiseStep::new(&gpu, 0).unwrap();
+        let bad = cfg(NoiseDistribution::Uniform, -1.0);
+        assert!(matches!(
+            gpu_noise(&gpu, &d.slice(..), &mut o.slice_mut(..), &bad, &step),
+            Err(Error::InvalidArgument(_))
+        ));
+        let good = cfg(NoiseDistribution::Uniform, 1.0);
+        assert!(matches!(
+            gpu_noise(&gpu, &d.slice(..7), &mut o.slice_mut(..), &good, &step),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
 }

@@ -6,6 +6,7 @@ pub mod ema;
 pub mod grad_norm;
 pub mod group;
 pub mod kl_div;
+pub mod noise;
 pub mod optimizer;
 pub mod perturb;
 pub mod ptx;
