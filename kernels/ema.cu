@@ -4,29 +4,24 @@
 // f64 with explicitly rounded intrinsics, in the order of `ema_element` in
 // src/cpu/ema.rs, so both backends store the same bits. λ = 0 copies (the
 // launcher skips λ = 1 entirely: θ̄ stays bit for bit).
-#include "common.cuh"
+#include "multi_tensor.cuh"
 
-// Mirrors the table row built in src/cuda/ema.rs.
-struct EmaTensor {
-    uint64_t target, theta, len;
-};
-struct EmaChunk {
-    uint32_t tensor, index;
-};
-#define EMA_CHUNK 65536ull
+// The group is a multi_tensor.cuh table (mirrors `build` in src/cuda/ema.rs).
+#define EMA_SLOT_TARGET 0  // θ̄, written
+#define EMA_SLOT_THETA 1   // θ
 
 template <typename T, typename P>
-__device__ __forceinline__ void ema_update(const EmaTensor* __restrict__ tensors,
-                                           const EmaChunk* __restrict__ chunks, uint32_t n_chunks,
+__device__ __forceinline__ void ema_update(const MtTensor* __restrict__ tensors,
+                                           const MtChunk* __restrict__ chunks, uint32_t n_chunks,
                                            float lambda) {
     const double l = (double)lambda, oml = __dsub_rn(1.0, l);
     for (uint32_t k = blockIdx.x; k < n_chunks; k += gridDim.x) {
-        const EmaChunk ch = chunks[k];
-        const EmaTensor t = tensors[ch.tensor];
-        const uint64_t begin = (uint64_t)ch.index * EMA_CHUNK;
-        const uint64_t end = begin + EMA_CHUNK < t.len ? begin + EMA_CHUNK : t.len;
-        T* target = reinterpret_cast<T*>(t.target);
-        const P* theta = reinterpret_cast<const P*>(t.theta);
+        const MtChunk ch = chunks[k];
+        const MtTensor t = tensors[ch.tensor];
+        const MtSpan span = mt_span(t, ch);
+        const uint64_t begin = span.begin, end = span.end;
+        T* target = reinterpret_cast<T*>(t.ptr[EMA_SLOT_TARGET]);
+        const P* theta = reinterpret_cast<const P*>(t.ptr[EMA_SLOT_THETA]);
         for (uint64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
             if (lambda == 0.0f) {
                 target[i] = from_f32<T>(to_f32(theta[i]));
@@ -41,7 +36,7 @@ __device__ __forceinline__ void ema_update(const EmaTensor* __restrict__ tensors
 
 #define EMA_KERNEL(t, p, T, P)                                                               \
     extern "C" __global__ void __launch_bounds__(256)                                       \
-        ema_##t##_##p(const EmaTensor* tensors, const EmaChunk* chunks, uint32_t n_chunks,  \
+        ema_##t##_##p(const MtTensor* tensors, const MtChunk* chunks, uint32_t n_chunks,    \
                       float lambda) {                                                       \
         ema_update<T, P>(tensors, chunks, n_chunks, lambda);                                \
     }

@@ -12,7 +12,7 @@
 // Per-step values live in device memory so a captured CUDA graph replays
 // correctly: the host rewrites `OptHyper` (learning rate...) with an async copy,
 // and `optimizer_advance` bumps the step count and β powers on the device.
-#include "common.cuh"
+#include "multi_tensor.cuh"
 
 // Mirrors `HYPER_*` in src/cuda/optimizer.rs (8 floats).
 struct OptHyper {
@@ -25,21 +25,14 @@ struct OptCounter {
     double beta1_pow, beta2_pow;
 };
 
-// One tensor (mirrors `RawUpdateTensor`'s table row in src/cuda/optimizer.rs).
-struct OptTensor {
-    uint64_t param;  // working parameters, written
-    uint64_t grad;   // 0: no gradient this step (restore only)
-    uint64_t src;    // backup (restore mode) or f32 master (master mode, also written)
-    uint64_t m, v;   // f32 state; 0 where unused
-    uint64_t len;
-    uint32_t decays, pad;
-};
-
-// A fixed-size piece of one tensor: elements [index*OPT_CHUNK, ...).
-struct OptChunk {
-    uint32_t tensor, index;
-};
-#define OPT_CHUNK 65536ull
+// The group is a multi_tensor.cuh table: one MtTensor per tensor with these
+// slots (mirrors `build` in src/cuda/optimizer.rs), and an MtChunk list.
+#define OPT_SLOT_PARAM 0  // working parameters, written
+#define OPT_SLOT_GRAD 1   // 0: no gradient this step (restore only)
+#define OPT_SLOT_SRC 2    // backup (restore mode) or f32 master (master mode, also written)
+#define OPT_SLOT_M 3      // f32 state; 0 where unused
+#define OPT_SLOT_V 4
+#define OPT_SLOT_DECAY 5  // not an address: 1 when weight decay applies
 
 #define OPT_ADAMW 0
 #define OPT_SGD 1
@@ -55,8 +48,8 @@ extern "C" __global__ void optimizer_advance(OptCounter* c, const OptHyper* h, u
 }
 
 template <typename P, typename G, int OPT, bool MASTER>
-__device__ __forceinline__ void optimizer_update(const OptTensor* __restrict__ tensors,
-                                                 const OptChunk* __restrict__ chunks,
+__device__ __forceinline__ void optimizer_update(const MtTensor* __restrict__ tensors,
+                                                 const MtChunk* __restrict__ chunks,
                                                  uint32_t n_chunks, const OptHyper* __restrict__ hp,
                                                  const OptCounter* __restrict__ cp,
                                                  uint32_t nesterov) {
@@ -75,29 +68,31 @@ __device__ __forceinline__ void optimizer_update(const OptTensor* __restrict__ t
     const bool first = c.t == 1;
 
     for (uint32_t k = blockIdx.x; k < n_chunks; k += gridDim.x) {
-        const OptChunk ch = chunks[k];
-        const OptTensor t = tensors[ch.tensor];
-        const uint64_t begin = (uint64_t)ch.index * OPT_CHUNK;
-        const uint64_t end = begin + OPT_CHUNK < t.len ? begin + OPT_CHUNK : t.len;
-        P* param = reinterpret_cast<P*>(t.param);
-        const G* grad = reinterpret_cast<const G*>(t.grad);
-        float* m = reinterpret_cast<float*>(t.m);
-        float* v = reinterpret_cast<float*>(t.v);
+        const MtChunk ch = chunks[k];
+        const MtTensor t = tensors[ch.tensor];
+        const MtSpan span = mt_span(t, ch);
+        const uint64_t begin = span.begin, end = span.end;
+        P* param = reinterpret_cast<P*>(t.ptr[OPT_SLOT_PARAM]);
+        const G* grad = reinterpret_cast<const G*>(t.ptr[OPT_SLOT_GRAD]);
+        const uint64_t src = t.ptr[OPT_SLOT_SRC];
+        const bool decays = t.ptr[OPT_SLOT_DECAY] != 0;
+        float* m = reinterpret_cast<float*>(t.ptr[OPT_SLOT_M]);
+        float* v = reinterpret_cast<float*>(t.ptr[OPT_SLOT_V]);
         if (grad == nullptr) {
             // No gradient: only the restore (the working copy from the master).
             for (uint64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-                if (MASTER) param[i] = from_f32<P>(reinterpret_cast<const float*>(t.src)[i]);
-                else param[i] = reinterpret_cast<const P*>(t.src)[i];
+                if (MASTER) param[i] = from_f32<P>(reinterpret_cast<const float*>(src)[i]);
+                else param[i] = reinterpret_cast<const P*>(src)[i];
             }
             continue;
         }
-        const double wd = t.decays ? (double)h.weight_decay : 0.0;
+        const double wd = decays ? (double)h.weight_decay : 0.0;
         for (uint64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-            double theta = MASTER ? (double)reinterpret_cast<const float*>(t.src)[i]
-                                  : (double)to_f32(reinterpret_cast<const P*>(t.src)[i]);
+            double theta = MASTER ? (double)reinterpret_cast<const float*>(src)[i]
+                                  : (double)to_f32(reinterpret_cast<const P*>(src)[i]);
             const double g = (double)to_f32(grad[i]);
             if (OPT == OPT_ADAMW) {
-                if (t.decays) theta = __dmul_rn(theta, decay);
+                if (decays) theta = __dmul_rn(theta, decay);
                 const double m64 = __dadd_rn(__dmul_rn(b1, (double)m[i]), __dmul_rn(omb1, g));
                 const double v64 =
                     __dadd_rn(__dmul_rn(b2, (double)v[i]), __dmul_rn(omb2, __dmul_rn(g, g)));
@@ -117,7 +112,7 @@ __device__ __forceinline__ void optimizer_update(const OptTensor* __restrict__ t
                 theta = __dsub_rn(theta, __dmul_rn(lr, d));
             }
             const float th = __double2float_rn(theta);
-            if (MASTER) reinterpret_cast<float*>(t.src)[i] = th;
+            if (MASTER) reinterpret_cast<float*>(src)[i] = th;
             param[i] = from_f32<P>(th);
         }
     }
@@ -125,7 +120,7 @@ __device__ __forceinline__ void optimizer_update(const OptTensor* __restrict__ t
 
 #define OPT_KERNEL(name, P, G, OPT, MASTER)                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                           \
-        name(const OptTensor* tensors, const OptChunk* chunks, uint32_t n_chunks,               \
+        name(const MtTensor* tensors, const MtChunk* chunks, uint32_t n_chunks,                 \
              const OptHyper* h, const OptCounter* c, uint32_t nesterov) {                       \
         optimizer_update<P, G, OPT, MASTER>(tensors, chunks, n_chunks, h, c, nesterov);         \
     }

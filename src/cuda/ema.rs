@@ -1,5 +1,5 @@
 //! Launcher of `kernels/ema.cu`: TRAM-θ's target θ̄ ← λ·θ̄ + (1−λ)·θ over a
-//! group in one launch. Same bits as `cpu::ema` (see there for the bound).
+//! group in one launch (a `multi_tensor.cuh` table and chunk list). Same bits as `cpu::ema` (see there for the bound).
 //! λ = 1 launches nothing (θ̄ unchanged bit for bit); λ is fixed configuration,
 //! passed by value (a captured graph keeps it, as it should).
 
@@ -10,13 +10,14 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
-use super::optimizer::chunk_list;
+use super::group::{MtChunk, MtTensor, BLOCK_THREADS};
+use super::optimizer::chunks_of;
 use super::CudaBackend;
 use crate::cpu::ema::validate_lambda;
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, Result};
 
-const THREADS: u32 = 256;
+const THREADS: u32 = BLOCK_THREADS;
 
 /// One tensor over raw device addresses: `len` elements of the target θ̄
 /// (written) and of θ (read).
@@ -37,8 +38,8 @@ pub struct DeviceEmaTensor<'a, T, P> {
 /// The tensors of the EMA, described once on the device and reused.
 #[derive(Debug)]
 pub struct EmaGroup<'a> {
-    table: CudaSlice<u64>,
-    chunks: CudaSlice<u32>,
+    table: CudaSlice<MtTensor>,
+    chunks: CudaSlice<MtChunk>,
     n_chunks: u32,
     target: DType,
     theta: DType,
@@ -97,16 +98,20 @@ fn build(
     theta: DType,
 ) -> Result<EmaGroup<'static>> {
     ensure!(!tensors.is_empty(), "the EMA group is empty");
-    let mut table = Vec::with_capacity(tensors.len() * 3);
+    let mut table = Vec::with_capacity(tensors.len());
     for (i, t) in tensors.iter().enumerate() {
         ensure!(t.target != 0 && t.theta != 0, "tensor {i}: null address");
         ensure!(
             t.target % target.size() as u64 == 0 && t.theta % theta.size() as u64 == 0,
             "tensor {i}: an address is not aligned to its element size"
         );
-        table.extend_from_slice(&[t.target, t.theta, t.len]);
+        // Slots mirror EMA_SLOT_* in kernels/ema.cu.
+        table.push(MtTensor {
+            ptr: [t.target, t.theta, 0, 0, 0, 0],
+            len: t.len,
+        });
     }
-    let (chunks, n_chunks) = chunk_list(tensors.iter().map(|t| t.len))?;
+    let (chunks, n_chunks) = chunks_of(&table)?;
     let stream = backend.stream();
     Ok(EmaGroup {
         table: stream.clone_htod(&table)?,
@@ -140,7 +145,7 @@ pub fn ema_update(backend: &CudaBackend, group: &EmaGroup<'_>, lambda: f32) -> R
         .arg(&group.chunks)
         .arg(&group.n_chunks)
         .arg(&lambda);
-    // SAFETY: the table (3 u64 per tensor: EmaTensor) and chunk list (EmaChunk)
+    // SAFETY: the table (MtTensor rows) and chunk list (MtChunk)
     // were built by `build`, every chunk lies inside its tensor, the addresses
     // are valid by construction (borrowed views or the `from_raw` contract), and
     // the kernel name matches the group's dtypes.

@@ -20,6 +20,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
+use super::group::{chunk_map, MtChunk, MtTensor, BLOCK_THREADS};
 use super::CudaBackend;
 use crate::config::{validate_lr, BaseOptimizer, StepCounter};
 use crate::dtype::{DType, Element};
@@ -29,11 +30,7 @@ use crate::error::{ensure, Error, Result};
 // as `OptCounter` in kernels/optimizer.cu; any bit pattern is valid.
 unsafe impl DeviceRepr for StepCounter {}
 
-/// Elements per chunk (mirrors `OPT_CHUNK` and `EMA_CHUNK`).
-pub(crate) const CHUNK: u64 = 65536;
-/// u64 words per table row (mirrors `OptTensor`).
-const ROW: usize = 7;
-const THREADS: u32 = 256;
+const THREADS: u32 = BLOCK_THREADS;
 
 /// One tensor of the update over raw device addresses (for framework backends).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -80,14 +77,16 @@ pub struct DeviceUpdateTensor<'a, P, G> {
     pub weight_decay: bool,
 }
 
-/// The tensors of one update, described once on the device (a table of rows
-/// and a list of fixed-size chunks) and reused every step. `'a` is the borrow
+/// The tensors of one update, described once on the device as a
+/// `multi_tensor.cuh` table ([`MtTensor`] rows with the slots param, grad,
+/// backup-or-master, m, v and a weight-decay flag) and a chunk list
+/// ([`MtChunk`]), and reused every step. `'a` is the borrow
 /// of the buffers it points into (`'static` for the raw constructor, whose
 /// caller vouches for them).
 #[derive(Debug)]
 pub struct UpdateGroup<'a> {
-    table: CudaSlice<u64>,
-    chunks: CudaSlice<u32>,
+    table: CudaSlice<MtTensor>,
+    chunks: CudaSlice<MtChunk>,
     n_chunks: u32,
     param: DType,
     grad: DType,
@@ -199,7 +198,7 @@ impl<'a> UpdateGroup<'a> {
         build(backend, &raw, P::DTYPE, G::DTYPE, master)
     }
 
-    /// Chunks of `CHUNK` elements the launch walks.
+    /// Chunks of `MT_CHUNK` elements the launch walks.
     pub fn n_chunks(&self) -> u32 {
         self.n_chunks
     }
@@ -219,7 +218,7 @@ fn build(
         "too many tensors in one group"
     );
     let src_size = if master { 4 } else { param.size() as u64 };
-    let mut table = Vec::with_capacity(tensors.len() * ROW);
+    let mut table = Vec::with_capacity(tensors.len());
     for (i, t) in tensors.iter().enumerate() {
         ensure!(
             t.param != 0 && t.source != 0,
@@ -234,17 +233,13 @@ fn build(
             aligned,
             "tensor {i}: an address is not aligned to its element size"
         );
-        table.extend_from_slice(&[
-            t.param,
-            t.grad,
-            t.source,
-            t.m,
-            t.v,
-            t.len,
-            t.weight_decay as u64,
-        ]);
+        // Slot order mirrors OPT_SLOT_* in kernels/optimizer.cu.
+        table.push(MtTensor {
+            ptr: [t.param, t.grad, t.source, t.m, t.v, t.weight_decay as u64],
+            len: t.len,
+        });
     }
-    let (chunks, n_chunks) = chunk_list(tensors.iter().map(|t| t.len))?;
+    let (chunks, n_chunks) = chunks_of(&table)?;
     let stream = backend.stream();
     Ok(UpdateGroup {
         table: stream.clone_htod(&table)?,
@@ -259,30 +254,17 @@ fn build(
     })
 }
 
-/// The (tensor, chunk index) pairs covering tensors of these lengths in
-/// `CHUNK`-element pieces, flattened, and their count. Never empty (a dummy
-/// pair when every tensor is empty, so the allocation is valid; never read).
-pub(crate) fn chunk_list(lens: impl Iterator<Item = u64>) -> Result<(Vec<u32>, u32)> {
-    let mut chunks = Vec::new();
-    for (i, len) in lens.enumerate() {
-        let n = len.div_ceil(CHUNK);
-        ensure!(
-            i <= u32::MAX as usize && n <= u32::MAX as u64,
-            "tensor {i}: too many tensors or elements for one group"
-        );
-        for c in 0..n {
-            chunks.extend_from_slice(&[i as u32, c as u32]);
-        }
-    }
-    let n_chunks = chunks.len() / 2;
-    ensure!(
-        n_chunks <= u32::MAX as usize,
-        "too many chunks in one group"
-    );
+/// Every chunk of every tensor (tensors without a gradient still need their
+/// restore), and the count; never an empty allocation (a dummy chunk, never
+/// read, when every tensor is empty).
+pub(crate) fn chunks_of(table: &[MtTensor]) -> Result<(Vec<MtChunk>, u32)> {
+    let lens: Vec<u64> = table.iter().map(|t| t.len).collect();
+    let mut chunks = chunk_map(&lens, &vec![true; lens.len()])?;
+    let n = chunks.len() as u32;
     if chunks.is_empty() {
-        chunks.extend_from_slice(&[0, 0]);
+        chunks.push(MtChunk::default());
     }
-    Ok((chunks, n_chunks as u32))
+    Ok((chunks, n))
 }
 
 /// Indices into the 8-float hyperparameter block (mirrors `OptHyper`).
@@ -421,7 +403,7 @@ impl FusedOptimizer {
             .arg(&self.counter)
             .arg(&nesterov);
         // SAFETY: the table rows and chunk list were built by `build` with the
-        // kernel's layouts (OptTensor: 7 u64; OptChunk: 2 u32) and every chunk
+        // kernel's layouts (MtTensor, MtChunk of multi_tensor.cuh) and every chunk
         // index lies inside its tensor; the addresses in the rows are valid by
         // the group's construction (borrowed views, or the `from_raw` contract);
         // the kernel name matches the group's dtypes and mode.
