@@ -310,3 +310,64 @@ impl NoiseConfig {
         Ok(())
     }
 }
+
+/// Where TRAM's target logits come from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TramVariant {
+    /// TRAM-θ: a target model whose weights θ̄ follow θ̄ ← λ·θ̄ + (1−λ)·θ after
+    /// every update (λ = 0: the previous step's weights; λ = 1: frozen, e.g.
+    /// the pre-trained weights). Needs target buffers.
+    Theta { lambda: f32 },
+    /// TRAM-x: the same model on noised embeddings e + z.
+    X { noise: NoiseConfig },
+}
+
+/// Everything a TRAM step is configured with; validated by [`TramConfig::validate`]
+/// when a step object is built, so bad values are an `Err` there, not a NaN later.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TramConfig {
+    /// ρ = δ·d: finite and >= 0.
+    pub delta: f32,
+    pub geometry: Geometry,
+    pub kl: KlOptions,
+    pub variant: TramVariant,
+    pub optimizer: BaseOptimizer,
+    /// The initial learning rate (changeable per step).
+    pub lr: f32,
+}
+
+impl TramConfig {
+    /// Checks every field; `has_target` says whether target buffers were given
+    /// (required by TRAM-θ).
+    pub fn validate(&self, has_target: bool) -> crate::Result<()> {
+        use crate::error::ensure;
+        let d = self.delta;
+        ensure!(d.is_finite() && d >= 0.0, "δ {d} must be finite and >= 0");
+        let eta = self.geometry.eta();
+        ensure!(
+            eta.is_finite() && eta >= 0.0,
+            "η {eta} must be finite and >= 0"
+        );
+        let t = self.kl.temperature;
+        ensure!(
+            t.is_finite() && t > 0.0,
+            "KL temperature {t} must be finite and > 0"
+        );
+        self.optimizer.validate()?;
+        validate_lr(self.lr)?;
+        match self.variant {
+            TramVariant::Theta { lambda } => {
+                ensure!(
+                    (0.0..=1.0).contains(&lambda),
+                    "EMA λ {lambda} is outside [0, 1]"
+                );
+                ensure!(
+                    has_target,
+                    "TRAM-θ needs target parameters, none were given"
+                );
+            }
+            TramVariant::X { noise } => noise.validate()?,
+        }
+        Ok(())
+    }
+}

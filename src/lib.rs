@@ -15,7 +15,7 @@ pub mod error;
 
 pub use config::{
     BaseOptimizer, Geometry, KlDirection, KlOptions, NoiseConfig, NoiseDistribution, PerturbStatus,
-    Radius, Reduction, StepCounter,
+    Radius, Reduction, StepCounter, TramConfig, TramVariant,
 };
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

@@ -8,3 +8,4 @@ pub mod noise;
 pub mod optimizer;
 pub mod perturb;
 pub mod restore;
+pub mod step;

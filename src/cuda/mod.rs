@@ -11,6 +11,7 @@ pub mod optimizer;
 pub mod perturb;
 pub mod ptx;
 pub mod restore;
+pub mod step;
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -198,6 +198,11 @@ impl<'a> UpdateGroup<'a> {
         build(backend, &raw, P::DTYPE, G::DTYPE, master)
     }
 
+    /// Whether θ is read from f32 master weights (else from backups).
+    pub fn is_master(&self) -> bool {
+        self.master
+    }
+
     /// Chunks of `MT_CHUNK` elements the launch walks.
     pub fn n_chunks(&self) -> u32 {
         self.n_chunks
