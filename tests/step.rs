@@ -504,6 +504,122 @@ mod gpu {
     }
 
     #[test]
+    fn gpu_step_matches_cpu_step() {
+        // The update restores from the backup, which is θ bit for bit on both
+        // backends, so whatever small differences the KL and the perturbation
+        // have, θ, m, v and the EMA target after each full step are identical.
+        let gpu = gpu_or_skip!();
+        let bufs = buffers(&gpu);
+        let s = gpu.stream();
+        let host = |x: &Vec<CudaSlice<f32>>| -> Vec<Vec<f32>> {
+            x.iter().map(|d| s.clone_dtoh(d).unwrap()).collect()
+        };
+        let mut params = host(&bufs.params);
+        let grads = host(&bufs.grads);
+        let mut backups = host(&bufs.backups);
+        let mut ms = host(&bufs.ms);
+        let mut vs = host(&bufs.vs);
+        let mut targets = host(&bufs.targets);
+        let a = s.clone_dtoh(&bufs.a).unwrap();
+        let b = s.clone_dtoh(&bufs.b).unwrap();
+        let mut dev = step_for(&gpu, &bufs);
+        let mut cpu = TramStep::new(theta_cfg(), true).unwrap();
+        for (i, lr) in [1e-2f32, 5e-2, 3e-3].into_iter().enumerate() {
+            dev.set_lr(&gpu, lr).unwrap();
+            cpu.set_lr(lr).unwrap();
+            let (da, db) = (
+                DeviceLogits::dense(bufs.a.slice(..), ROWS, VOCAB).unwrap(),
+                DeviceLogits::dense(bufs.b.slice(..), ROWS, VOCAB).unwrap(),
+            );
+            dev.first_step(&gpu, &da, &db, None).unwrap();
+            let theta_before = params.clone();
+            let g: Vec<Option<&[f32]>> = grads.iter().map(|g| Some(&g[..])).collect();
+            let rep = {
+                let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
+                let mut bk: Vec<&mut [f32]> = backups.iter_mut().map(|p| &mut p[..]).collect();
+                let (ta, tb) = (
+                    Logits::dense(&a, ROWS, VOCAB).unwrap(),
+                    Logits::dense(&b, ROWS, VOCAB).unwrap(),
+                );
+                cpu.first_step(
+                    &ta,
+                    &tb,
+                    None,
+                    FirstStepWeights::InPlace {
+                        params: &mut p,
+                        backups: &mut bk,
+                    },
+                    &g,
+                )
+                .unwrap()
+            };
+            let d_gpu = dev.kl_workspace().read(&gpu, ROWS).unwrap().value;
+            assert!(
+                (d_gpu - rep.kl.value).abs() <= 1e-4 * rep.kl.value,
+                "step {i}: KL {d_gpu} vs {}",
+                rep.kl.value
+            );
+            let st = dev.param_group().read_state().unwrap();
+            assert!(st.perturb_status().applied() && rep.perturb.status.applied());
+            assert!(
+                (st.rho - rep.perturb.rho).abs() <= 1e-4 * rep.perturb.rho,
+                "ρ {} vs {}",
+                st.rho,
+                rep.perturb.rho
+            );
+            assert_eq!(
+                host(&bufs.backups),
+                theta_before,
+                "step {i}: GPU backup is θ"
+            );
+            assert_eq!(backups, theta_before, "step {i}: CPU backup is θ");
+            {
+                let mut ups: Vec<UpdateTensor<f32, f32>> = params
+                    .iter_mut()
+                    .zip(&backups)
+                    .zip(&grads)
+                    .zip(ms.iter_mut().zip(vs.iter_mut()))
+                    .enumerate()
+                    .map(|(k, (((p, bk), g), (m, v)))| UpdateTensor {
+                        weights: Weights::Restore {
+                            backup: bk,
+                            param: p,
+                        },
+                        grad: Some(g),
+                        m,
+                        v,
+                        weight_decay: k != 0,
+                    })
+                    .collect();
+                cpu.second_step(&mut ups).unwrap();
+            }
+            let mut ts: Vec<EmaTensor<f32, f32>> = targets
+                .iter_mut()
+                .zip(&params)
+                .map(|(t, th)| EmaTensor {
+                    target: t,
+                    theta: th,
+                })
+                .collect();
+            cpu.update_target(&mut ts).unwrap();
+            dev.second_step(&gpu).unwrap();
+            let bits = |x: &Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+                x.iter()
+                    .map(|v| v.iter().map(|f| f.to_bits()).collect())
+                    .collect()
+            };
+            assert_eq!(bits(&host(&bufs.params)), bits(&params), "step {i}: θ");
+            assert_eq!(bits(&host(&bufs.ms)), bits(&ms), "step {i}: m");
+            assert_eq!(bits(&host(&bufs.vs)), bits(&vs), "step {i}: v");
+            assert_eq!(bits(&host(&bufs.targets)), bits(&targets), "step {i}: θ̄");
+            assert_eq!(
+                dev.optimizer().counter(&gpu).unwrap(),
+                cpu.optimizer().counter()
+            );
+        }
+    }
+
+    #[test]
     fn gpu_step_rejects_bad_configuration() {
         let gpu = gpu_or_skip!();
         let bufs = buffers(&gpu);
