@@ -18,7 +18,9 @@
 //! The table gives accuracy as mean ± std over the seeds, the mean radius the
 //! perturbation used, and the wall time spent inside the crate's calls against
 //! the whole run. The data and hyperparameters are fixed below; they were not
-//! searched to favour any method, and the numbers are whatever comes out.
+//! searched to favour any method, and the numbers are whatever comes out. SAM's
+//! ρ is the common default 0.05; TRAM's δ was set once so that its mean radius
+//! is of the same order as SAM's (the table prints both), not for accuracy.
 //!
 //! ```text
 //! cargo run --release --example train_shift            # crate on the CPU backend
@@ -67,9 +69,9 @@ const TEST: usize = 2048;
 const CENTER: f32 = 0.45;
 /// The shifted domain: x ↦ SCALE·R·x + t, R rotating every coordinate pair
 /// (0,1), (2,3), ... by ANGLE, and t a fixed random direction of length SHIFT.
-const ANGLE: f32 = 0.35;
-const SCALE: f32 = 1.3;
-const SHIFT: f32 = 1.0;
+const ANGLE: f32 = 0.6;
+const SCALE: f32 = 1.5;
+const SHIFT: f32 = 2.0;
 const DATA_SEED: u64 = 2024;
 
 // ---- training ------------------------------------------------------------
@@ -83,7 +85,7 @@ const WEIGHT_DECAY: f32 = 1e-2;
 /// SAM's fixed radius (the usual default of SAM implementations).
 const SAM_RHO: f32 = 0.05;
 /// TRAM-θ: ρ = δ·d, target θ̄ ← λ·θ̄ + (1−λ)·θ after every update.
-const TRAM_DELTA: f32 = 1.0;
+const TRAM_DELTA: f32 = 4.0;
 const TRAM_LAMBDA: f32 = 0.9;
 
 /// Parameter tensors: W1 (HIDDEN×DIM), b1, W2 (CLASSES×HIDDEN), b2.
@@ -442,13 +444,17 @@ impl Engine for CpuEngine {
     }
 }
 
+/// AdamW and SAM: the fused update, and the group SAM's norm and
+/// perturbation run over.
+struct GpuPlain {
+    opt: GpuOptimizer,
+    params: ParamGroup<'static>,
+    update: UpdateGroup<'static>,
+}
+
 enum GpuOpt {
-    Plain {
-        opt: GpuOptimizer,
-        params: ParamGroup<'static>,
-        update: UpdateGroup<'static>,
-    },
-    Tram(GpuTramStep<'static>),
+    Plain(Box<GpuPlain>),
+    Tram(Box<GpuTramStep<'static>>),
 }
 
 /// The crate on the CUDA backend. The groups hold raw addresses of the
@@ -535,20 +541,20 @@ impl<'g> CudaEngine<'g> {
                 // SAFETY: as above.
                 let target_group =
                     unsafe { EmaGroup::from_raw(gpu, &ema, DType::F32, DType::F32)? };
-                GpuOpt::Tram(GpuTramStep::new(
+                GpuOpt::Tram(Box::new(GpuTramStep::new(
                     gpu,
                     tram_config(),
                     params,
                     update,
                     Some(target_group),
                     BATCH,
-                )?)
+                )?))
             }
-            _ => GpuOpt::Plain {
+            _ => GpuOpt::Plain(Box::new(GpuPlain {
                 opt: GpuOptimizer::new(gpu, base_optimizer(), LR)?,
                 params,
                 update,
-            },
+            })),
         };
         gpu.synchronize()?;
         Ok(Self {
@@ -593,7 +599,7 @@ impl<'g> CudaEngine<'g> {
 
     fn rho(&self) -> Result<f64> {
         let group = match &self.opt {
-            GpuOpt::Plain { params, .. } => params,
+            GpuOpt::Plain(plain) => &plain.params,
             GpuOpt::Tram(step) => step.param_group(),
         };
         Ok(group.read_state()?.rho)
@@ -635,9 +641,10 @@ impl Engine for CudaEngine<'_> {
     fn perturb_fixed(&mut self, grads: &Params) -> Result<f64> {
         self.upload_grads(grads)?;
         self.crate_call(|gpu, opt| {
-            let GpuOpt::Plain { params, .. } = opt else {
+            let GpuOpt::Plain(plain) = opt else {
                 unreachable!("perturb_fixed on the TRAM engine");
             };
+            let params = &plain.params;
             grad_norm(
                 gpu,
                 params,
@@ -680,7 +687,7 @@ impl Engine for CudaEngine<'_> {
     fn update(&mut self, grads: &Params) -> Result<()> {
         self.upload_grads(grads)?;
         self.crate_call(|gpu, opt| match opt {
-            GpuOpt::Plain { opt, update, .. } => opt.step(gpu, update),
+            GpuOpt::Plain(plain) => plain.opt.step(gpu, &plain.update),
             GpuOpt::Tram(step) => step.second_step(gpu),
         })
     }
@@ -832,8 +839,15 @@ fn full_run(gpu: Option<&CudaBackend>, backend: &str) -> Result<()> {
     println!("  {STEPS} steps x {SEEDS} seeds per method; mean ± std over seeds\n");
     let wall = Instant::now();
     println!(
-        "{:<8} {:>16} {:>16} {:>9} {:>10} {:>10} {:>10}",
-        "method", "in-domain %", "shifted %", "mean rho", "crate s", "copies s", "total s"
+        "{:<8} {:>16} {:>16} {:>9} {:>9} {:>7} {:>9} {:>8}",
+        "method",
+        "in-domain %",
+        "shifted %",
+        "mean rho",
+        "crate s",
+        "crate%",
+        "copies s",
+        "total s"
     );
     for method in Method::ALL {
         let mut acc_in = Vec::new();
@@ -861,12 +875,13 @@ fn full_run(gpu: Option<&CudaBackend>, backend: &str) -> Result<()> {
             "-".to_string()
         };
         println!(
-            "{:<8} {:>16} {:>16} {:>9} {:>10.3} {:>10} {:>10.3}",
+            "{:<8} {:>16} {:>16} {:>9} {:>9.3} {:>6.1}% {:>9} {:>8.3}",
             method.name(),
             format!("{mi:.2} ± {si:.2}"),
             format!("{ms:.2} ± {ss:.2}"),
             rho,
             t_crate,
+            100.0 * t_crate / t_total,
             copies,
             t_total
         );
