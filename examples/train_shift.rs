@@ -899,6 +899,33 @@ fn full_run(gpu: Option<&CudaBackend>, backend: &str) -> Result<()> {
     Ok(())
 }
 
+/// The hand-written backward against central differences of the loss on a
+/// few coordinates of every tensor (f32 model, so the tolerance is loose:
+/// 2e-3 absolute plus 2% relative). Returns the worst |error| / tolerance.
+fn gradient_check(data: &Data) -> f64 {
+    let p = init_params(7);
+    let (x, y) = (&data.train.x[..BATCH * DIM], &data.train.y[..BATCH]);
+    let (_, _, g) = loss_and_grad(&p, x, y);
+    let mut rng = SmallRng::seed_from_u64(11);
+    let h = 1e-2f32;
+    let mut worst = 0.0f64;
+    for (t, &n) in SIZES.iter().enumerate() {
+        for _ in 0..8 {
+            let i = rng.random_range(0..n);
+            let mut q = p.clone();
+            q[t][i] = p[t][i] + h;
+            let up = loss_and_grad(&q, x, y).0 as f64;
+            q[t][i] = p[t][i] - h;
+            let down = loss_and_grad(&q, x, y).0 as f64;
+            let fd = (up - down) / (2.0 * h as f64);
+            let an = g[t][i] as f64;
+            let tol = 2e-3 + 2e-2 * an.abs();
+            worst = worst.max((fd - an).abs() / tol);
+        }
+    }
+    worst
+}
+
 /// `--check`: 20 steps per method on the CPU backend (twice: it must be
 /// deterministic) and, with a GPU, on the CUDA backend; the losses must agree
 /// step by step to 1e-4 relative and the final accuracies within one point.
@@ -909,7 +936,12 @@ fn check(gpu: std::result::Result<CudaBackend, tram_kernels::Error>) -> Result<b
         test,
         shifted,
     };
-    let mut ok = true;
+    let worst = gradient_check(&data);
+    let mut ok = worst <= 1.0;
+    println!(
+        "{} backward vs central differences: worst error {worst:.2} of the tolerance",
+        if ok { "ok  " } else { "FAIL" }
+    );
     let seed = 0;
     for method in Method::ALL {
         let a = run(None, method, &data, seed, CHECK_STEPS)?;
