@@ -14,6 +14,8 @@
 //!   logits of an EMA of past weights (the target, kept by the crate) and the
 //!   current logits on the batch.
 //!
+//! The weights are kept as the crate's master-weight layout: f32 master θ
+//! (also the backup while perturbed) and a working copy the model reads.
 //! Every method sees the same initial weights and batches for a given seed.
 //! The table gives accuracy as mean ± std over the seeds, the mean radius the
 //! perturbation used, and the wall time spent inside the crate's calls against
@@ -30,10 +32,12 @@
 //!
 //! With `--cuda` the model still runs on the CPU; parameters, gradients and
 //! logits are copied to and from the device around each crate call (the copy
-//! time is reported separately). `--check` asserts that the per-step losses of
-//! the two backends agree to 1e-4 relative over 20 steps and that their final
-//! accuracies agree within one point; without a GPU it says that comparison was
-//! skipped (set `TRAM_REQUIRE_GPU=1` to make that a failure).
+//! time is reported separately). `--check` checks the hand-written backward
+//! against finite differences, that 20 CPU steps of each method repeat bit for
+//! bit, and (with a GPU) that the per-step losses of the two backends agree to
+//! 1e-4 relative over those 20 steps and their final accuracies within one
+//! point; it exits non-zero on a failure. Without a GPU it says the comparison
+//! was skipped (set `TRAM_REQUIRE_GPU=1` to make that a failure).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
