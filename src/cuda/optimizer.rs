@@ -165,7 +165,7 @@ impl<'a> UpdateGroup<'a> {
                 }
             };
             if is_master != master {
-                return Err(Error::invalid(format!(
+                return Err(Error::InvalidArgument(format!(
                     "tensor {i}: restore and master tensors are mixed"
                 )));
             }
@@ -264,7 +264,7 @@ fn build(
 /// read, when every tensor is empty).
 pub(crate) fn chunks_of(table: &[MtTensor]) -> Result<(Vec<MtChunk>, u32)> {
     let lens: Vec<u64> = table.iter().map(|t| t.len).collect();
-    let mut chunks = chunk_map(&lens, &vec![true; lens.len()])?;
+    let mut chunks = chunk_map(&lens, &vec![true; lens.len()])?.chunks;
     let n = chunks.len() as u32;
     if chunks.is_empty() {
         chunks.push(MtChunk::default());
