@@ -56,7 +56,8 @@ pub enum Radius {
 pub struct PerturbStatus(pub u32);
 
 impl PerturbStatus {
-    /// θ was moved by a non-zero ε.
+    /// ε = ρ·w/(N + 1e-12) was added to θ (norm finite and > 0, ρ finite and
+    /// ≥ 0; ε is zero everywhere when ρ = 0).
     pub const APPLIED: u32 = 1;
     /// The norm was zero: ε = 0, θ unchanged (not an error).
     pub const ZERO_NORM: u32 = 1 << 1;

@@ -1,1 +1,377 @@
-//! (to be written)
+//! The perturbation θ ← θ + ε over a group of tensors (CPU reference), three ways:
+//! in place with a bit-exact backup ([`perturb`]), from f32 master weights into
+//! the working copy ([`perturb_master`]), and out of place ([`perturb_out_of_place`]).
+//!
+//! With `g' = s·g` (`s` the inverse loss scale), the norm `N` of
+//! [`grad_norm`](super::grad_norm::grad_norm) and the radius ρ ([`radius_value`]):
+//! `ε = c·w`, `c = ρ/(N + NORM_EPS)`, `w` = `g'`, `(|θ|+η)²·g'` or `g'/(1+η·g'²)`
+//! (SAM, adaptive, Fisher). For SAM and adaptive ε does not depend on the loss
+//! scale once `s` undoes it; Fisher's `w` is not homogeneous in `g`, so it is
+//! defined on the unscaled `g'`.
+//!
+//! What happens is decided once per group ([`plan`]), in this order:
+//! a non-finite `N` sets `NONFINITE_GRAD`, a non-finite ρ `NONFINITE_RADIUS`, a
+//! negative ρ `NEGATIVE_RADIUS`; any of these leaves θ unchanged. Otherwise
+//! `N == 0` sets `ZERO_NORM` (ε = 0, θ unchanged), else `APPLIED`.
+//!
+//! Each new value is computed in f64 ([`perturbed_value`]) and rounded once to
+//! the parameter type (round to nearest even), so the CPU result is the correctly
+//! rounded `θ + ε` up to the few f64 roundings inside `ε` (relative error of the
+//! f64 value ≤ 8·2^-53 of `|ε|`, far below half an ulp of any f32/f16/bf16 result).
+//!
+//! The `*_with` variants take the norm and radius explicitly, so a GPU test can
+//! replay exactly the values the device used.
+
+use rayon::prelude::*;
+
+use super::grad_norm::{check_settings, grad_norm, CHUNK};
+use crate::config::{Geometry, PerturbStatus, Radius, NORM_EPS};
+use crate::dtype::Element;
+use crate::error::{ensure, Result};
+
+/// What a perturbation decided and with which values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PerturbReport {
+    /// What happened (see [`PerturbStatus`]).
+    pub status: PerturbStatus,
+    /// The norm `N` used.
+    pub norm: f64,
+    /// The radius ρ used.
+    pub rho: f64,
+    /// `ρ/(N + NORM_EPS)` when applied, else 0.
+    pub coef: f64,
+}
+
+/// ρ from a [`Radius`]: `r` for `Fixed(r)`, `δ·d` (in f64, exact) for
+/// `TrustRegion { delta }` with `d = divergence`.
+pub fn radius_value(radius: Radius, divergence: f32) -> f64 {
+    match radius {
+        Radius::Fixed(r) => r as f64,
+        Radius::TrustRegion { delta } => delta as f64 * divergence as f64,
+    }
+}
+
+/// Decides the status and coefficient from a norm and a radius (module docs).
+pub fn plan(norm: f64, rho: f64) -> PerturbReport {
+    let mut bits = 0;
+    if !norm.is_finite() {
+        bits |= PerturbStatus::NONFINITE_GRAD;
+    }
+    if !rho.is_finite() {
+        bits |= PerturbStatus::NONFINITE_RADIUS;
+    } else if rho < 0.0 {
+        bits |= PerturbStatus::NEGATIVE_RADIUS;
+    }
+    let mut coef = 0.0;
+    if bits == 0 {
+        if norm == 0.0 {
+            bits = PerturbStatus::ZERO_NORM;
+        } else {
+            bits = PerturbStatus::APPLIED;
+            coef = rho / (norm + NORM_EPS);
+        }
+    }
+    PerturbReport {
+        status: PerturbStatus(bits),
+        norm,
+        rho,
+        coef,
+    }
+}
+
+/// The direction `w` of one element, from θ and `g_scaled = s·g` (f64).
+#[inline(always)]
+pub fn direction(theta: f64, g_scaled: f64, geometry: Geometry) -> f64 {
+    match geometry {
+        Geometry::Sam => g_scaled,
+        Geometry::Adaptive { eta } => adaptive_w(theta, g_scaled, eta as f64),
+        Geometry::Fisher { eta } => fisher_w(g_scaled, eta as f64),
+    }
+}
+
+#[inline(always)]
+fn adaptive_w(theta: f64, x: f64, eta: f64) -> f64 {
+    let a = theta.abs() + eta;
+    (a * a) * x
+}
+
+#[inline(always)]
+fn fisher_w(x: f64, eta: f64) -> f64 {
+    x / (1.0 + eta * (x * x))
+}
+
+/// The exact f64 value `θ + coef·w(θ, s·g)` before rounding to the parameter type:
+/// what every path stores (rounded once) for an element with a gradient when the
+/// status is `APPLIED`. `theta` is the master value on the master-weight path.
+#[inline(always)]
+pub fn perturbed_value(theta: f64, g: f64, geometry: Geometry, inv_scale: f32, coef: f64) -> f64 {
+    theta + coef * direction(theta, inv_scale as f64 * g, geometry)
+}
+
+/// Runs `body` with a per-element update function specialised to the geometry,
+/// so the inner loops have no branch: `f(θ, g) = θ + c·w(θ, s·g)`.
+macro_rules! with_update {
+    ($geometry:expr, $s:expr, $c:expr, |$f:ident| $body:expr) => {{
+        let (s, c) = ($s, $c);
+        match $geometry {
+            Geometry::Sam => {
+                let $f = move |t: f64, g: f64| t + c * (s * g);
+                $body
+            }
+            Geometry::Adaptive { eta } => {
+                let eta = eta as f64;
+                let $f = move |t: f64, g: f64| t + c * adaptive_w(t, s * g, eta);
+                $body
+            }
+            Geometry::Fisher { eta } => {
+                let eta = eta as f64;
+                let $f = move |t: f64, g: f64| t + c * fisher_w(s * g, eta);
+                $body
+            }
+        }
+    }};
+}
+
+/// A norm passed in must be ≥ 0 or not finite (a non-finite one is a status).
+fn check_norm(norm: f64) -> Result<()> {
+    ensure!(
+        norm >= 0.0 || !norm.is_finite(),
+        "norm must not be negative, got {norm}"
+    );
+    Ok(())
+}
+
+/// Work items: a chunk of the tensor read, its gradient (None: copy only), and
+/// a chunk of the tensor written.
+type InPlaceItem<'a, P, G> = (&'a mut [P], Option<&'a [G]>, &'a mut [P]);
+type OutItem<'a, P, G> = (&'a [P], Option<&'a [G]>, &'a mut [P]);
+
+/// Tensor lengths equal pairwise, one gradient slot per tensor, non-empty group.
+fn check_shapes<G>(
+    what: &str,
+    lens: &[usize],
+    other: &[usize],
+    grads: &[Option<&[G]>],
+) -> Result<()> {
+    ensure!(!lens.is_empty(), "empty group: no tensors");
+    ensure!(
+        grads.len() == lens.len(),
+        "{} gradients for {} tensors",
+        grads.len(),
+        lens.len()
+    );
+    ensure!(
+        other.len() == lens.len(),
+        "{} {what} buffers for {} tensors",
+        other.len(),
+        lens.len()
+    );
+    for (i, ((&n, &m), g)) in lens.iter().zip(other).zip(grads).enumerate() {
+        ensure!(m == n, "tensor {i}: {n} elements but {what} has {m}");
+        if let Some(g) = g {
+            ensure!(
+                g.len() == n,
+                "tensor {i}: {n} elements but {} gradient elements",
+                g.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// In place with a backup: `backups[i] ← θ_i` bit-exact for every tensor (with or
+/// without a gradient, applied or not), then `θ_i ← round(θ_i + ε_i)` for tensors
+/// with a gradient when the status is `APPLIED`.
+///
+/// ρ comes from `radius` and `divergence` ([`radius_value`]); the norm is
+/// [`grad_norm`] of the same group. Errors (`InvalidArgument`): empty group;
+/// `grads` or `backups` count differs from `params`; a gradient or backup whose
+/// length differs from its tensor's; `inv_scale` not finite or ≤ 0; η not finite
+/// or < 0. Nothing is written on error.
+pub fn perturb<P: Element, G: Element>(
+    params: &mut [&mut [P]],
+    grads: &[Option<&[G]>],
+    backups: &mut [&mut [P]],
+    geometry: Geometry,
+    radius: Radius,
+    divergence: f32,
+    inv_scale: f32,
+) -> Result<PerturbReport> {
+    let view: Vec<&[P]> = params.iter().map(|p| &**p).collect();
+    let norm = grad_norm(&view, grads, geometry, inv_scale)?;
+    drop(view);
+    let rho = radius_value(radius, divergence);
+    perturb_with(params, grads, backups, geometry, inv_scale, norm.norm, rho)
+}
+
+/// [`perturb`] with the norm and ρ given (e.g. the values a GPU used).
+/// `norm` must be ≥ 0 or not finite (a negative finite norm is an error).
+pub fn perturb_with<P: Element, G: Element>(
+    params: &mut [&mut [P]],
+    grads: &[Option<&[G]>],
+    backups: &mut [&mut [P]],
+    geometry: Geometry,
+    inv_scale: f32,
+    norm: f64,
+    rho: f64,
+) -> Result<PerturbReport> {
+    check_settings(geometry, inv_scale)?;
+    let lens: Vec<usize> = params.iter().map(|p| p.len()).collect();
+    let blens: Vec<usize> = backups.iter().map(|b| b.len()).collect();
+    check_shapes("backup", &lens, &blens, grads)?;
+    check_norm(norm)?;
+    let report = plan(norm, rho);
+    let applied = report.status.applied();
+
+    let mut work: Vec<InPlaceItem<P, G>> = Vec::new();
+    for ((p, g), b) in params.iter_mut().zip(grads).zip(backups.iter_mut()) {
+        let g = g.filter(|_| applied);
+        let pc = p.chunks_mut(CHUNK);
+        let bc = b.chunks_mut(CHUNK);
+        match g {
+            Some(g) => work.extend(
+                pc.zip(g.chunks(CHUNK))
+                    .zip(bc)
+                    .map(|((p, g), b)| (p, Some(g), b)),
+            ),
+            None => work.extend(pc.zip(bc).map(|(p, b)| (p, None, b))),
+        }
+    }
+    with_update!(geometry, inv_scale as f64, report.coef, |f| {
+        work.into_par_iter().for_each(|(p, g, b)| match g {
+            // One pass: read θ once, write the backup and θ + ε.
+            Some(g) => {
+                for ((t, bk), gv) in p.iter_mut().zip(b.iter_mut()).zip(g) {
+                    *bk = *t;
+                    *t = P::from_f64(f(t.to_f64(), gv.to_f64()));
+                }
+            }
+            None => b.copy_from_slice(p),
+        })
+    });
+    Ok(report)
+}
+
+/// Master weights: reads the f32 master `master[i]` and the gradient, writes only
+/// the working copy `working[i] ← round_P(m_i + ε_i)` for tensors with a gradient
+/// when the status is `APPLIED` (the adaptive geometry uses `|m_i|`). Tensors
+/// without a gradient, and every tensor when not applied, leave the working copy
+/// untouched. No backup: the master is the backup.
+///
+/// Errors as [`perturb`], with `working` in the place of the backups.
+pub fn perturb_master<P: Element, G: Element>(
+    master: &[&[f32]],
+    grads: &[Option<&[G]>],
+    working: &mut [&mut [P]],
+    geometry: Geometry,
+    radius: Radius,
+    divergence: f32,
+    inv_scale: f32,
+) -> Result<PerturbReport> {
+    let norm = grad_norm(master, grads, geometry, inv_scale)?;
+    let rho = radius_value(radius, divergence);
+    perturb_master_with(master, grads, working, geometry, inv_scale, norm.norm, rho)
+}
+
+/// [`perturb_master`] with the norm and ρ given.
+pub fn perturb_master_with<P: Element, G: Element>(
+    master: &[&[f32]],
+    grads: &[Option<&[G]>],
+    working: &mut [&mut [P]],
+    geometry: Geometry,
+    inv_scale: f32,
+    norm: f64,
+    rho: f64,
+) -> Result<PerturbReport> {
+    check_settings(geometry, inv_scale)?;
+    let lens: Vec<usize> = master.iter().map(|p| p.len()).collect();
+    let wlens: Vec<usize> = working.iter().map(|w| w.len()).collect();
+    check_shapes("working copy", &lens, &wlens, grads)?;
+    check_norm(norm)?;
+    let report = plan(norm, rho);
+    if !report.status.applied() {
+        return Ok(report);
+    }
+
+    let mut work: Vec<(&[f32], &[G], &mut [P])> = Vec::new();
+    for ((m, g), w) in master.iter().zip(grads).zip(working.iter_mut()) {
+        if let Some(g) = g {
+            work.extend(
+                m.chunks(CHUNK)
+                    .zip(g.chunks(CHUNK))
+                    .zip(w.chunks_mut(CHUNK))
+                    .map(|((m, g), w)| (m, g, w)),
+            );
+        }
+    }
+    with_update!(geometry, inv_scale as f64, report.coef, |f| {
+        work.into_par_iter().for_each(|(m, g, w)| {
+            for ((wv, &mv), gv) in w.iter_mut().zip(m).zip(g) {
+                *wv = P::from_f64(f(mv as f64, gv.to_f64()));
+            }
+        })
+    });
+    Ok(report)
+}
+
+/// Out of place: `out[i] ← round_P(θ_i + ε_i)` for tensors with a gradient when
+/// the status is `APPLIED`, else `out[i] ← θ_i` bit-exact. θ is only read.
+///
+/// Errors as [`perturb`], with `out` in the place of the backups.
+pub fn perturb_out_of_place<P: Element, G: Element>(
+    params: &[&[P]],
+    grads: &[Option<&[G]>],
+    out: &mut [&mut [P]],
+    geometry: Geometry,
+    radius: Radius,
+    divergence: f32,
+    inv_scale: f32,
+) -> Result<PerturbReport> {
+    let norm = grad_norm(params, grads, geometry, inv_scale)?;
+    let rho = radius_value(radius, divergence);
+    perturb_out_of_place_with(params, grads, out, geometry, inv_scale, norm.norm, rho)
+}
+
+/// [`perturb_out_of_place`] with the norm and ρ given.
+pub fn perturb_out_of_place_with<P: Element, G: Element>(
+    params: &[&[P]],
+    grads: &[Option<&[G]>],
+    out: &mut [&mut [P]],
+    geometry: Geometry,
+    inv_scale: f32,
+    norm: f64,
+    rho: f64,
+) -> Result<PerturbReport> {
+    check_settings(geometry, inv_scale)?;
+    let lens: Vec<usize> = params.iter().map(|p| p.len()).collect();
+    let olens: Vec<usize> = out.iter().map(|o| o.len()).collect();
+    check_shapes("output", &lens, &olens, grads)?;
+    check_norm(norm)?;
+    let report = plan(norm, rho);
+    let applied = report.status.applied();
+
+    let mut work: Vec<OutItem<P, G>> = Vec::new();
+    for ((p, g), o) in params.iter().zip(grads).zip(out.iter_mut()) {
+        let pc = p.chunks(CHUNK);
+        let oc = o.chunks_mut(CHUNK);
+        match g.filter(|_| applied) {
+            Some(g) => work.extend(
+                pc.zip(g.chunks(CHUNK))
+                    .zip(oc)
+                    .map(|((p, g), o)| (p, Some(g), o)),
+            ),
+            None => work.extend(pc.zip(oc).map(|(p, o)| (p, None, o))),
+        }
+    }
+    with_update!(geometry, inv_scale as f64, report.coef, |f| {
+        work.into_par_iter().for_each(|(p, g, o)| match g {
+            Some(g) => {
+                for ((ov, tv), gv) in o.iter_mut().zip(p).zip(g) {
+                    *ov = P::from_f64(f(tv.to_f64(), gv.to_f64()));
+                }
+            }
+            None => o.copy_from_slice(p),
+        })
+    });
+    Ok(report)
+}
