@@ -64,7 +64,8 @@ pub fn random<T: Element>(n: usize, seed: u64, scale: f32) -> Vec<T> {
     const CHUNK: usize = 1 << 20;
     let mut v = vec![T::default(); n];
     v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
-        let mut rng = SmallRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng =
+            SmallRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         for x in c {
             let u: f32 = rng.random_range(-1.0f32..1.0);
             let u = if u == 0.0 { 0.5 } else { u };
@@ -79,7 +80,11 @@ pub fn random<T: Element>(n: usize, seed: u64, scale: f32) -> Vec<T> {
 pub fn logit_pair<T: Element>(rows: usize, vocab: usize, sigma: f32, gap: f32) -> (Vec<T>, Vec<T>) {
     let a: Vec<f32> = random(rows * vocab, 11, sigma);
     let z: Vec<f32> = random(rows * vocab, 12, 1.0);
-    let b = a.par_iter().zip(&z).map(|(&a, &z)| T::from_f32(a + gap * z)).collect();
+    let b = a
+        .par_iter()
+        .zip(&z)
+        .map(|(&a, &z)| T::from_f32(a + gap * z))
+        .collect();
     let a = a.into_par_iter().map(T::from_f32).collect();
     (a, b)
 }

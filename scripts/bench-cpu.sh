@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The CPU comparison run: the crate's CPU benches (copy bandwidth, norm,
+# perturb/restore, KL) and the numpy baselines, one after the other in one
+# run, into bench-logs/cpu/<date>-<machine>.log (raw output, read by
+# scripts/results.py). Usage: scripts/bench-cpu.sh [extra criterion args]
+set -uo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+default_nvcc="$HOME/.cache/tram-kernels/nvcc-13.0/venv/lib/python3.11/site-packages/nvidia/cu13/bin/nvcc"
+if [ -z "${NVCC:-}" ] && [ -x "$default_nvcc" ]; then export NVCC="$default_nvcc"; fi
+
+# numpy (+ threadpoolctl to name the BLAS kernel) in a venv of its own.
+venv="${TRAM_BENCH_VENV:-$HOME/.cache/tram-kernels/bench-venv}"
+if ! "$venv/bin/python" -c 'import numpy, threadpoolctl' 2>/dev/null; then
+    python3 -m venv "$venv" && "$venv/bin/pip" install -q --disable-pip-version-check numpy threadpoolctl >&2
+fi
+
+cpu_model="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1)"
+machine="$(echo "${TRAM_MACHINE:-$(echo "$cpu_model" | awk '{print tolower($1 "-" $2)}')-$(nproc)core}" | tr -c 'a-zA-Z0-9.\n-' '-')"
+mkdir -p bench-logs/cpu
+log="bench-logs/cpu/$(date -u +%Y-%m-%d)-$machine.log"
+
+benches=(copy grad_norm perturb kl_div)
+cargo bench --no-run "${benches[@]/#/--bench=}" >&2 || exit 1
+
+{
+    echo "# date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "# machine: $machine"
+    echo "# cpu: $cpu_model, $(nproc) cores; $(lscpu | sed -n 's/^L3 cache: *//p') L3"
+    echo "# memory: $(free -g | awk '/^Mem:/ {print $2}') GiB"
+    echo "# kernel: $(uname -r)"
+    echo "# rustc: $(rustc --version)"
+    echo "# commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src benches 2>/dev/null || echo ' (+ uncommitted changes)')"
+    echo "# load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    for b in "${benches[@]}"; do
+        echo
+        echo "=== cargo bench --bench $b"
+        cargo bench -q --bench "$b" -- "$@" 2>&1
+        echo "=== exit $?"
+    done
+    echo
+    echo "=== numpy baselines (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset for this command only)"
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$venv/bin/python" scripts/baselines_numpy.py 2>&1
+    echo "=== exit $?"
+    echo
+    echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+} | tee "$log"
+echo "wrote $log" >&2
