@@ -13,6 +13,9 @@ const CPU_LEN: usize = 64 << 20;
 const GPU_LEN: usize = 256 << 20;
 
 fn cpu(c: &mut Criterion) {
+    if !common::cpu_enabled() {
+        return;
+    }
     let src: Vec<f32> = common::random(CPU_LEN, 1, 1.0);
     let mut dst = vec![0.0f32; CPU_LEN];
     let mut g = c.benchmark_group("copy");

@@ -50,6 +50,9 @@ fn cpu_case<P: Element, G: Element>(
 }
 
 fn cpu(c: &mut Criterion) {
+    if !common::cpu_enabled() {
+        return;
+    }
     cpu_case::<f32, f32>(c, "f32", &GEOMETRIES);
     cpu_case::<bf16, bf16>(c, "bf16", &GEOMETRIES[..1]);
     cpu_case::<bf16, f32>(c, "bf16-f32", &GEOMETRIES[1..2]);

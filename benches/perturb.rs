@@ -20,6 +20,9 @@ const RHO: f64 = 0.05;
 const NORM: f64 = 4.7;
 
 fn cpu(c: &mut Criterion) {
+    if !common::cpu_enabled() {
+        return;
+    }
     let n = CPU_LEN;
     let size = common::count(n);
     let mut theta: Vec<f32> = common::random(n, 1, 0.05);

@@ -17,7 +17,10 @@ bundle="$root/gpu-bundle"
 # The kernels must be embedded: a bundle without PTX would only skip on the GPU.
 default_nvcc="$HOME/.cache/tram-kernels/nvcc-13.0/venv/lib/python3.11/site-packages/nvidia/cu13/bin/nvcc"
 if [ -z "${NVCC:-}" ] && [ -x "$default_nvcc" ]; then export NVCC="$default_nvcc"; fi
-export TRAM_REQUIRE_NVCC=1
+if ! { [ -n "${NVCC:-}" ] && [ -x "$NVCC" ]; } && ! command -v nvcc >/dev/null; then
+    echo "no nvcc: run scripts/install-nvcc.sh and set NVCC to the path it prints" >&2
+    exit 1
+fi
 
 list_executables() { # reads cargo's JSON messages, prints "kind name path" per executable
     python3 -c '

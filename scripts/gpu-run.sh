@@ -21,6 +21,7 @@ summary="$out/summary.txt"
 cap=$((15 * 1024 * 1024))
 export CRITERION_HOME="${TMPDIR:-/tmp}/tram-criterion"
 export PYTHONUNBUFFERED=1
+export TRAM_BENCH=cuda # the benches' CPU halves measure this host, not the GPU
 
 # Stage caps in seconds (sum 470 s ≈ 8 min); override with TRAM_CAP_<STAGE>.
 cap_tests="${TRAM_CAP_TESTS:-80}"

@@ -26,9 +26,19 @@ pub fn bytes(n: usize) -> Throughput {
     Throughput::Bytes(n as u64)
 }
 
+/// Whether the CPU half of the benches runs: `TRAM_BENCH=cuda` leaves it out
+/// (the GPU machine's run measures the kernels, not its host's memory).
+pub fn cpu_enabled() -> bool {
+    std::env::var("TRAM_BENCH").map_or(true, |v| v != "cuda")
+}
+
 /// The CUDA backend on device 0, or `None` after printing why the CUDA half
-/// of `bench` is skipped.
+/// of `bench` is skipped (also with `TRAM_BENCH=cpu`).
 pub fn gpu(bench: &str) -> Option<CudaBackend> {
+    if std::env::var("TRAM_BENCH").is_ok_and(|v| v == "cpu") {
+        println!("skipping the CUDA benches of {bench}: TRAM_BENCH=cpu");
+        return None;
+    }
     match CudaBackend::new(0) {
         Ok(b) => Some(b),
         Err(e) => {
