@@ -1,1 +1,705 @@
-//! (to be written)
+//! A parameter group: the many tensors of a model, described once on the
+//! device and reused every step by the multi-tensor kernels
+//! (`kernels/multi_tensor.cuh`; after apex's multi_tensor_apply).
+//!
+//! The group holds a device table with one [`MtTensor`] per tensor (its
+//! parameter, gradient, backup, master and output addresses, see [`Slot`],
+//! and its 64-bit length) and a device list of [`MtChunk`]s: the tensors that
+//! have a gradient this step, cut into chunks of [`MT_CHUNK`] elements. Both
+//! are built on the host by plain functions ([`describe`], [`chunk_map`]) and
+//! uploaded when the group is built; [`ParamGroup::set_has_grad`] rebuilds
+//! only the chunk list. The group also owns the workspace of the norm (one
+//! f64 partial per block and a counter) and the device [`NormState`] that the
+//! norm, the perturbation and the host read.
+//!
+//! Everything a step launches goes on the stream the group was built on; no
+//! launch allocates or synchronises.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, ValidAsZeroBits};
+
+use super::CudaBackend;
+use crate::config::PerturbStatus;
+use crate::dtype::{DType, Element};
+use crate::error::{ensure, Result};
+
+/// Pointer slots per tensor in the device table (mirrors `MT_SLOTS`).
+pub const MT_SLOTS: usize = 6;
+/// Elements per chunk (mirrors `MT_CHUNK`): a multiple of every vector width,
+/// so every chunk of a tensor starts at the tensor's own 16-byte alignment.
+pub const MT_CHUNK: u64 = 65536;
+/// Threads per block of every multi-tensor kernel here.
+pub(crate) const BLOCK_THREADS: u32 = 256;
+
+/// What each pointer slot of a parameter group's table holds (mirrors
+/// `MT_SLOT_*` in `kernels/multi_tensor.cuh`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Slot {
+    /// θ: the parameters, or the working copy beside f32 master weights.
+    Param = 0,
+    /// g, the gradient.
+    Grad = 1,
+    /// θ saved by the in-place perturbation, restored by `restore`.
+    Backup = 2,
+    /// f32 master weights.
+    Master = 3,
+    /// θ + ε of the out-of-place perturbation.
+    Out = 4,
+}
+
+/// One tensor in the device table: up to [`MT_SLOTS`] device addresses (0 when
+/// unused) and a 64-bit element count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct MtTensor {
+    pub ptr: [u64; MT_SLOTS],
+    pub len: u64,
+}
+
+/// One chunk of work: elements `[index * MT_CHUNK, min((index + 1) * MT_CHUNK, len))`
+/// of table entry `tensor`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct MtChunk {
+    pub tensor: u32,
+    pub index: u32,
+}
+
+/// The device-side result of the norm and of the perturbation after it
+/// (mirrors `NormState` in `kernels/multi_tensor.cuh`).
+///
+/// `sum_sq` is the value a sharded (ZeRO/FSDP) caller all-reduces (f64 sum)
+/// across ranks between the norm and the perturbation: it sits at offset 0 of
+/// [`ParamGroup::state_ptr`]. The perturbation derives its norm from `sum_sq`
+/// alone, and writes back the `norm`, `rho`, `coef` and `status` it used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct NormState {
+    /// Σ of the geometry's squared terms (with g' = inv_scale·g).
+    pub sum_sq: f64,
+    /// sqrt(sum_sq), as the norm or `finish` computed it, or as the last
+    /// perturbation used it.
+    pub norm: f64,
+    /// The radius ρ the last perturbation used.
+    pub rho: f64,
+    /// ρ/(norm + 1e-12) of the last perturbation (0 when it did not apply).
+    pub coef: f64,
+    /// [`PerturbStatus`] bits of the last perturbation.
+    pub status: u32,
+    /// 1 when `sum_sq` is not finite (PyTorch GradScaler's `found_inf`).
+    pub found_inf: u32,
+    pub _pad: [u32; 2],
+}
+
+impl NormState {
+    /// The status of the last perturbation.
+    pub fn perturb_status(&self) -> PerturbStatus {
+        PerturbStatus(self.status)
+    }
+}
+
+// SAFETY: the three are `repr(C)` plain old data (Pod) with the exact layout
+// the kernels declare; any bit pattern, zeros included, is a valid value.
+unsafe impl DeviceRepr for MtTensor {}
+unsafe impl DeviceRepr for MtChunk {}
+unsafe impl DeviceRepr for NormState {}
+unsafe impl ValidAsZeroBits for MtTensor {}
+unsafe impl ValidAsZeroBits for MtChunk {}
+unsafe impl ValidAsZeroBits for NormState {}
+
+/// A device buffer by address and element count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceBuf {
+    pub ptr: u64,
+    pub len: u64,
+}
+
+/// One tensor of a group given by raw device addresses (see
+/// [`ParamGroup::from_raw`]). `param`, `backup` and `out` hold the parameter
+/// type, `grad` the gradient type, `master` f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawTensor {
+    pub param: DeviceBuf,
+    pub grad: DeviceBuf,
+    /// Where the in-place perturbation saves θ (needed by `PerturbMode::InPlace`
+    /// and `restore`).
+    pub backup: Option<DeviceBuf>,
+    /// f32 master weights (needed by `PerturbMode::Master`; the adaptive norm
+    /// then reads θ from here).
+    pub master: Option<DeviceBuf>,
+    /// The output of `PerturbMode::OutOfPlace`.
+    pub out: Option<DeviceBuf>,
+}
+
+/// One tensor of a group as cudarc views (see [`ParamGroup::new`]); a
+/// `CudaSlice` gives one with `as_view()`, a sub-slice with `slice(a..b)`.
+#[derive(Debug)]
+pub struct TensorViews<'a, P, G> {
+    pub param: CudaView<'a, P>,
+    pub grad: CudaView<'a, G>,
+    pub backup: Option<CudaView<'a, P>>,
+    pub master: Option<CudaView<'a, f32>>,
+    pub out: Option<CudaView<'a, P>>,
+}
+
+/// Which optional slots every tensor of a group fills.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Roles {
+    pub backup: bool,
+    pub master: bool,
+    pub out: bool,
+}
+
+/// The (parameter, gradient) type pairs the kernels are built for.
+pub const DTYPE_COMBOS: [(DType, DType); 4] = [
+    (DType::F32, DType::F32),
+    (DType::F16, DType::F16),
+    (DType::BF16, DType::BF16),
+    (DType::BF16, DType::F32),
+];
+
+/// Validates a group's tensors and builds its device table, on the host.
+///
+/// Errors: no tensors; an unsupported dtype pair; lengths of a tensor's
+/// buffers that differ; a null or misaligned (not a multiple of the element
+/// size) address of a non-empty buffer; an optional slot filled for some
+/// tensors and not others; buffers that overlap; a tensor too long for the
+/// chunk index (2^48 elements).
+pub fn describe(
+    param: DType,
+    grad: DType,
+    tensors: &[RawTensor],
+) -> Result<(Vec<MtTensor>, Roles)> {
+    ensure!(!tensors.is_empty(), "a parameter group needs at least one tensor");
+    ensure!(
+        tensors.len() <= u32::MAX as usize,
+        "too many tensors in one group ({})",
+        tensors.len()
+    );
+    ensure!(
+        DTYPE_COMBOS.contains(&(param, grad)),
+        "unsupported (param, grad) dtypes ({param:?}, {grad:?}); supported: {DTYPE_COMBOS:?}"
+    );
+    let first = &tensors[0];
+    let roles = Roles {
+        backup: first.backup.is_some(),
+        master: first.master.is_some(),
+        out: first.out.is_some(),
+    };
+    let mut table = Vec::with_capacity(tensors.len());
+    let mut ranges: Vec<(u64, u64, usize)> = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        ensure!(
+            t.backup.is_some() == roles.backup
+                && t.master.is_some() == roles.master
+                && t.out.is_some() == roles.out,
+            "tensor {i}: every tensor of a group must have the same optional buffers \
+             (backup/master/out) as tensor 0"
+        );
+        let len = t.param.len;
+        ensure!(
+            len.div_ceil(MT_CHUNK) <= u32::MAX as u64,
+            "tensor {i}: {len} elements is more than a group can index"
+        );
+        let mut e = MtTensor {
+            len,
+            ..Default::default()
+        };
+        let bufs = [
+            (Slot::Param, Some(t.param), param.size(), "param"),
+            (Slot::Grad, Some(t.grad), grad.size(), "grad"),
+            (Slot::Backup, t.backup, param.size(), "backup"),
+            (Slot::Master, t.master, 4, "master"),
+            (Slot::Out, t.out, param.size(), "out"),
+        ];
+        for (slot, buf, size, name) in bufs {
+            let Some(b) = buf else { continue };
+            ensure!(
+                b.len == len,
+                "tensor {i}: {name} has {} elements but param has {len}",
+                b.len
+            );
+            if len == 0 {
+                continue;
+            }
+            ensure!(b.ptr != 0, "tensor {i}: {name} is a null device pointer");
+            ensure!(
+                b.ptr % size as u64 == 0,
+                "tensor {i}: {name} address {:#x} is not aligned to its {size}-byte elements",
+                b.ptr
+            );
+            let bytes = len.checked_mul(size as u64).and_then(|n| b.ptr.checked_add(n));
+            let Some(end) = bytes else {
+                return Err(crate::Error::invalid(format!(
+                    "tensor {i}: {name} extends past the address space"
+                )));
+            };
+            e.ptr[slot as usize] = b.ptr;
+            ranges.push((b.ptr, end, i));
+        }
+        table.push(e);
+    }
+    // Every buffer is read or written by one kernel at once: none may overlap.
+    ranges.sort_unstable();
+    for w in ranges.windows(2) {
+        ensure!(
+            w[1].0 >= w[0].1,
+            "buffers of tensors {} and {} overlap (at {:#x})",
+            w[0].2,
+            w[1].2,
+            w[1].0
+        );
+    }
+    Ok((table, roles))
+}
+
+/// The chunk list of the tensors with `active[i]` set: for each in table
+/// order, chunks `0..ceil(len / MT_CHUNK)`. Empty tensors have no chunks.
+pub fn chunk_map(lens: &[u64], active: &[bool]) -> Result<Vec<MtChunk>> {
+    ensure!(
+        lens.len() == active.len(),
+        "{} has-gradient flags for {} tensors",
+        active.len(),
+        lens.len()
+    );
+    let total: u64 = lens
+        .iter()
+        .zip(active)
+        .filter(|(_, &a)| a)
+        .map(|(&l, _)| l.div_ceil(MT_CHUNK))
+        .sum();
+    ensure!(
+        total <= u32::MAX as u64,
+        "{total} chunks is more than one launch can index"
+    );
+    let mut chunks = Vec::with_capacity(total as usize);
+    for (t, (&len, _)) in lens.iter().zip(active).enumerate().filter(|(_, (_, &a))| a) {
+        for index in 0..len.div_ceil(MT_CHUNK) as u32 {
+            chunks.push(MtChunk {
+                tensor: t as u32,
+                index,
+            });
+        }
+    }
+    Ok(chunks)
+}
+
+/// The tensors of a model (or a shard of it), described once and reused by
+/// [`grad_norm`](super::grad_norm), [`perturb`](super::perturb) and
+/// [`restore`](super::restore) every step.
+///
+/// The lifetime ties a group built from cudarc views to them; a group built
+/// from raw pointers is `'static` and relies on its caller (see
+/// [`ParamGroup::from_raw`]). The kernels write the parameters, backups and
+/// outputs through the addresses recorded here, on the group's stream: work
+/// on other streams that touches those buffers must be ordered by the caller.
+pub struct ParamGroup<'a> {
+    param_dtype: DType,
+    grad_dtype: DType,
+    roles: Roles,
+    lens: Vec<u64>,
+    has_grad: Vec<bool>,
+    chunks: Vec<MtChunk>,
+    stream: Arc<CudaStream>,
+    table_dev: CudaSlice<MtTensor>,
+    chunks_dev: CudaSlice<MtChunk>,
+    n_chunks_dev: CudaSlice<u32>,
+    partials: CudaSlice<f64>,
+    counter: CudaSlice<u32>,
+    state: CudaSlice<NormState>,
+    norm_grid: u32,
+    apply_grid: u32,
+    _views: PhantomData<&'a ()>,
+}
+
+impl std::fmt::Debug for ParamGroup<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParamGroup")
+            .field("param_dtype", &self.param_dtype)
+            .field("grad_dtype", &self.grad_dtype)
+            .field("tensors", &self.lens.len())
+            .field("elements", &self.num_elements())
+            .field("active_chunks", &self.chunks.len())
+            .field("roles", &self.roles)
+            .finish()
+    }
+}
+
+impl<'a> ParamGroup<'a> {
+    /// A group over cudarc views of the parameters `P` and gradients `G`
+    /// (and, optionally, backups, f32 master weights, outputs), all with the
+    /// backend's context. Every tensor starts with a gradient.
+    ///
+    /// Errors as [`describe`]: lengths that differ, no tensors, an
+    /// unsupported `(P, G)` pair, overlapping views.
+    pub fn new<P: Element, G: Element>(
+        backend: &CudaBackend,
+        tensors: &[TensorViews<'a, P, G>],
+    ) -> Result<Self> {
+        let stream = backend.stream();
+        let raw: Vec<RawTensor> = tensors
+            .iter()
+            .map(|t| RawTensor {
+                param: view_buf(&t.param, stream),
+                grad: view_buf(&t.grad, stream),
+                backup: t.backup.as_ref().map(|v| view_buf(v, stream)),
+                master: t.master.as_ref().map(|v| view_buf(v, stream)),
+                out: t.out.as_ref().map(|v| view_buf(v, stream)),
+            })
+            .collect();
+        Self::build(backend, P::DTYPE, G::DTYPE, &raw)
+    }
+}
+
+fn view_buf<T>(v: &CudaView<'_, T>, stream: &CudaStream) -> DeviceBuf {
+    // The address alone is kept; the guard only records a read event.
+    let (ptr, _guard) = v.device_ptr(stream);
+    DeviceBuf {
+        ptr,
+        len: v.len() as u64,
+    }
+}
+
+impl ParamGroup<'static> {
+    /// A group over raw device addresses, for framework backends (PyTorch
+    /// `data_ptr()`, candle storage...).
+    ///
+    /// # Safety
+    /// For as long as the group is used, every non-empty buffer must be a live
+    /// allocation of the backend's context holding `len` elements of its type
+    /// (`param`, `backup`, `out`: `param_dtype`; `grad`: `grad_dtype`;
+    /// `master`: f32), and nothing else may write those buffers (or read the
+    /// ones a launch writes) while a launch on the group's stream is pending,
+    /// unless ordered with that stream. The checks of [`describe`] (lengths,
+    /// alignment, null, overlap) still apply and return `Err`.
+    pub unsafe fn from_raw(
+        backend: &CudaBackend,
+        param_dtype: DType,
+        grad_dtype: DType,
+        tensors: &[RawTensor],
+    ) -> Result<Self> {
+        Self::build(backend, param_dtype, grad_dtype, tensors)
+    }
+}
+
+impl<'a> ParamGroup<'a> {
+    fn build(
+        backend: &CudaBackend,
+        param_dtype: DType,
+        grad_dtype: DType,
+        tensors: &[RawTensor],
+    ) -> Result<Self> {
+        let (table, roles) = describe(param_dtype, grad_dtype, tensors)?;
+        let lens: Vec<u64> = table.iter().map(|t| t.len).collect();
+        let has_grad = vec![true; lens.len()];
+        let chunks = chunk_map(&lens, &has_grad)?;
+        let stream = backend.stream().clone();
+
+        // Fill the GPU: as many blocks as fit on every SM at once.
+        let sm = backend.sm_count();
+        let theta = if roles.master { DType::F32 } else { param_dtype };
+        let norm_fn = backend.function(&format!(
+            "grad_norm_{}_{}",
+            theta.name(),
+            grad_dtype.name()
+        ))?;
+        let per_sm = norm_fn
+            .occupancy_max_active_blocks_per_multiprocessor(BLOCK_THREADS, 0, None)?
+            .clamp(1, 8);
+        let norm_grid = sm * per_sm;
+        let apply_grid = sm * 4; // perturb and restore are built for 4 blocks per SM
+
+        let table_dev = stream.clone_htod(&table)?;
+        // Room for every chunk, so toggling gradients never allocates.
+        let capacity = chunks.len().max(1);
+        let mut chunks_dev = stream.alloc_zeros::<MtChunk>(capacity)?;
+        if !chunks.is_empty() {
+            stream.memcpy_htod(&chunks, &mut chunks_dev)?;
+        }
+        let n_chunks_dev = stream.clone_htod(&[chunks.len() as u32])?;
+        let partials = stream.alloc_zeros::<f64>(norm_grid as usize)?;
+        let counter = stream.alloc_zeros::<u32>(1)?;
+        let state = stream.alloc_zeros::<NormState>(1)?;
+        Ok(Self {
+            param_dtype,
+            grad_dtype,
+            roles,
+            lens,
+            has_grad,
+            chunks,
+            stream,
+            table_dev,
+            chunks_dev,
+            n_chunks_dev,
+            partials,
+            counter,
+            state,
+            norm_grid,
+            apply_grid,
+            _views: PhantomData,
+        })
+    }
+
+    /// Marks which tensors have a gradient this step (PyTorch skips
+    /// `p.grad is None`); the others are left out of every launch until set
+    /// again. Rebuilds only the chunk list, into its existing device buffer,
+    /// with an asynchronous copy on the group's stream: call it between steps
+    /// (a copy from pageable memory may wait for the stream), never between a
+    /// perturbation and its restore.
+    pub fn set_has_grad(&mut self, has_grad: &[bool]) -> Result<()> {
+        let chunks = chunk_map(&self.lens, has_grad)?;
+        if !chunks.is_empty() {
+            self.stream.memcpy_htod(&chunks, &mut self.chunks_dev)?;
+        }
+        self.stream
+            .memcpy_htod(&[chunks.len() as u32], &mut self.n_chunks_dev)?;
+        self.chunks = chunks;
+        self.has_grad.copy_from_slice(has_grad);
+        Ok(())
+    }
+
+    /// Which tensors have a gradient this step.
+    pub fn has_grad(&self) -> &[bool] {
+        &self.has_grad
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Never true: a group has at least one tensor.
+    pub fn is_empty(&self) -> bool {
+        self.lens.is_empty()
+    }
+
+    /// Elements of every tensor, with or without a gradient.
+    pub fn num_elements(&self) -> u64 {
+        self.lens.iter().sum()
+    }
+
+    /// Elements of the tensors with a gradient this step.
+    pub fn active_elements(&self) -> u64 {
+        self.lens
+            .iter()
+            .zip(&self.has_grad)
+            .filter(|(_, &a)| a)
+            .map(|(&l, _)| l)
+            .sum()
+    }
+
+    /// The chunks the next launch covers.
+    pub fn chunks(&self) -> &[MtChunk] {
+        &self.chunks
+    }
+
+    pub fn param_dtype(&self) -> DType {
+        self.param_dtype
+    }
+
+    pub fn grad_dtype(&self) -> DType {
+        self.grad_dtype
+    }
+
+    /// Which optional buffers the tensors have.
+    pub fn roles(&self) -> Roles {
+        self.roles
+    }
+
+    /// The stream every launch on this group goes on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device [`NormState`] (one element).
+    pub fn state(&self) -> &CudaSlice<NormState> {
+        &self.state
+    }
+
+    /// The device address of the [`NormState`]; its `sum_sq` (f64) is at
+    /// offset 0, for an all-reduce across ranks.
+    pub fn state_ptr(&self) -> u64 {
+        self.ptr(&self.state)
+    }
+
+    /// Copies the [`NormState`] to the host. This waits for the stream: call
+    /// it outside the step (e.g. to log the status of the previous one).
+    pub fn read_state(&self) -> Result<NormState> {
+        let v = self.stream.clone_dtoh(&self.state)?;
+        Ok(v[0])
+    }
+
+    /// Blocks of the norm launch (a multiple of the SM count); one f64
+    /// partial each.
+    pub fn norm_grid(&self) -> u32 {
+        self.norm_grid
+    }
+
+    /// Blocks of the perturbation and restore launches.
+    pub fn apply_grid(&self) -> u32 {
+        self.apply_grid
+    }
+
+    pub(crate) fn check_backend(&self, backend: &CudaBackend) -> Result<()> {
+        ensure!(
+            **backend.stream() == *self.stream,
+            "the backend's stream is not the one this group was built on"
+        );
+        Ok(())
+    }
+
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        let (p, _guard) = s.device_ptr(&self.stream);
+        p
+    }
+
+    pub(crate) fn table_ptr(&self) -> u64 {
+        self.ptr(&self.table_dev)
+    }
+
+    pub(crate) fn chunks_ptr(&self) -> u64 {
+        self.ptr(&self.chunks_dev)
+    }
+
+    pub(crate) fn n_chunks_ptr(&self) -> u64 {
+        self.ptr(&self.n_chunks_dev)
+    }
+
+    pub(crate) fn partials_ptr(&self) -> u64 {
+        self.ptr(&self.partials)
+    }
+
+    pub(crate) fn counter_ptr(&self) -> u64 {
+        self.ptr(&self.counter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buf(ptr: u64, len: u64) -> DeviceBuf {
+        DeviceBuf { ptr, len }
+    }
+
+    fn tensor(param: u64, grad: u64, len: u64) -> RawTensor {
+        RawTensor {
+            param: buf(param, len),
+            grad: buf(grad, len),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn chunks_cover_each_tensor_in_order() {
+        let lens = [1, MT_CHUNK, MT_CHUNK + 1, 0, 3 * MT_CHUNK - 1];
+        let chunks = chunk_map(&lens, &[true; 5]).unwrap();
+        let expect: Vec<(u32, u32)> = vec![(0, 0), (1, 0), (2, 0), (2, 1), (4, 0), (4, 1), (4, 2)];
+        let got: Vec<(u32, u32)> = chunks.iter().map(|c| (c.tensor, c.index)).collect();
+        assert_eq!(got, expect);
+        // Every element of every tensor is in exactly one chunk.
+        for (t, &len) in lens.iter().enumerate() {
+            let covered: u64 = chunks
+                .iter()
+                .filter(|c| c.tensor as usize == t)
+                .map(|c| {
+                    let begin = c.index as u64 * MT_CHUNK;
+                    (begin + MT_CHUNK).min(len) - begin
+                })
+                .sum();
+            assert_eq!(covered, len, "tensor {t}");
+        }
+    }
+
+    #[test]
+    fn inactive_and_empty_tensors_have_no_chunks() {
+        let lens = [10, 0, 2 * MT_CHUNK, 5];
+        let chunks = chunk_map(&lens, &[false, true, true, false]).unwrap();
+        let got: Vec<(u32, u32)> = chunks.iter().map(|c| (c.tensor, c.index)).collect();
+        assert_eq!(got, vec![(2, 0), (2, 1)]);
+        assert!(chunk_map(&lens, &[false; 4]).unwrap().is_empty());
+        assert!(chunk_map(&lens, &[true; 3]).is_err());
+    }
+
+    #[test]
+    fn chunks_index_tensors_beyond_2_pow_32_elements() {
+        let len = (1u64 << 33) + 5;
+        let chunks = chunk_map(&[7, len], &[true, true]).unwrap();
+        let last = chunks.last().unwrap();
+        assert_eq!(last.tensor, 1);
+        assert_eq!(last.index as u64, len.div_ceil(MT_CHUNK) - 1);
+        assert_eq!(chunks.len() as u64, 1 + len.div_ceil(MT_CHUNK));
+        // The last chunk's 64-bit offset is past 2^32 and it holds the tail.
+        let begin = last.index as u64 * MT_CHUNK;
+        assert!(begin > u32::MAX as u64);
+        assert_eq!(len - begin, 5);
+    }
+
+    #[test]
+    fn describe_builds_the_table() {
+        let t0 = RawTensor {
+            param: buf(0x1000, 3),
+            grad: buf(0x2000, 3),
+            backup: Some(buf(0x3000, 3)),
+            master: None,
+            out: None,
+        };
+        let t1 = RawTensor {
+            param: buf(0x3_0000_0000_0000, 1 << 40),
+            grad: buf(0x1_0000_0000_0000, 1 << 40),
+            backup: Some(buf(0x3002, 0)), // wrong length
+            master: None,
+            out: None,
+        };
+        assert!(describe(DType::BF16, DType::F32, &[t0, t1]).is_err());
+        let t1 = RawTensor {
+            backup: Some(buf(0x2_0000_0000_0000, 1 << 40)),
+            ..t1
+        };
+        let (table, roles) = describe(DType::BF16, DType::F32, &[t0, t1]).unwrap();
+        assert_eq!(
+            roles,
+            Roles {
+                backup: true,
+                master: false,
+                out: false
+            }
+        );
+        assert_eq!(table[0].ptr, [0x1000, 0x2000, 0x3000, 0, 0, 0]);
+        assert_eq!(table[1].len, 1 << 40);
+        assert_eq!(table[1].ptr[Slot::Backup as usize], 0x2_0000_0000_0000);
+    }
+
+    #[test]
+    fn describe_rejects_bad_groups() {
+        let ok = tensor(0x1000, 0x2000, 4);
+        assert!(describe(DType::F32, DType::F32, &[ok]).is_ok());
+        // Empty group, dtype pairs without kernels.
+        assert!(describe(DType::F32, DType::F32, &[]).is_err());
+        assert!(describe(DType::F32, DType::BF16, &[ok]).is_err());
+        assert!(describe(DType::F16, DType::F32, &[ok]).is_err());
+        // Length mismatch between param and grad.
+        let mut t = ok;
+        t.grad.len = 5;
+        assert!(describe(DType::F32, DType::F32, &[t]).is_err());
+        // Null and misaligned addresses.
+        assert!(describe(DType::F32, DType::F32, &[tensor(0, 0x2000, 4)]).is_err());
+        assert!(describe(DType::F32, DType::F32, &[tensor(0x1002, 0x2000, 4)]).is_err());
+        assert!(describe(DType::BF16, DType::BF16, &[tensor(0x1002, 0x2000, 4)]).is_ok());
+        // Overlap: grad inside param, or two tensors sharing memory.
+        assert!(describe(DType::F32, DType::F32, &[tensor(0x1000, 0x1008, 4)]).is_err());
+        let other = tensor(0x100c, 0x3000, 4);
+        assert!(describe(DType::F32, DType::F32, &[ok, other]).is_err());
+        let adjacent = tensor(0x1010, 0x3000, 4);
+        assert!(describe(DType::F32, DType::F32, &[ok, adjacent]).is_ok());
+        // Optional buffers on some tensors only.
+        let mut with_out = adjacent;
+        with_out.out = Some(buf(0x4000, 4));
+        assert!(describe(DType::F32, DType::F32, &[ok, with_out]).is_err());
+        // Empty tensors are fine and may have null addresses.
+        assert!(describe(DType::F32, DType::F32, &[ok, tensor(0, 0, 0)]).is_ok());
+    }
+}

@@ -1,0 +1,157 @@
+// Global L2 norm over every tensor of a parameter group, in one launch, for
+// the three geometries of src/config.rs (SAM, adaptive, Fisher), with
+// g' = inv_scale * g.
+//
+// Grid: a fixed number of blocks (a multiple of the SM count), each walking
+// the chunk list with a grid stride and writing one f64 partial; the block
+// that finishes last sums the partials in index order. Every sum has a fixed
+// order, so a group gives the same bits on every run on the same device.
+//
+// Accuracy: each thread forms the terms of one 16-byte vector (V <= 8
+// elements) in f32 and sums that short run in f32, then adds the run to an f64
+// sum; block sums and the combine are f64. The terms are non-negative, so the
+// relative error of sum_sq is at most about (V + 3) * 2^-24 (the f32 runs) plus
+// n * 2^-53 (the f64 sums): below 7e-7 for n <= 2^28, i.e. the norm is within
+// 4e-7 relative of the exact norm of the stored inputs (documented as 1e-6).
+// A term is formed in f32, so |g'| above ~1.8e19 overflows to inf and reads
+// as a non-finite gradient.
+#include "multi_tensor.cuh"
+
+#define NORM_THREADS 256
+
+template <int GEOM>
+__device__ __forceinline__ float norm_term(float theta, float g, float s, float eta) {
+    const float x = s * g;
+    if (GEOM == TRAM_GEOMETRY_ADAPTIVE) {
+        const float y = (fabsf(theta) + eta) * x;
+        return y * y;
+    } else if (GEOM == TRAM_GEOMETRY_FISHER) {
+        const float q = x * x;
+        return q / fmaf(eta, q, 1.0f);
+    } else {
+        return x * x;
+    }
+}
+
+// Adds this thread's share of one chunk's terms to acc.
+template <typename T, typename G, int GEOM>
+__device__ __forceinline__ void norm_chunk(const T* th, const G* g, MtSpan span, float s,
+                                           float eta, double& acc) {
+    constexpr int V = MtWidth<T, G>::V;
+    constexpr bool READS_THETA = GEOM == TRAM_GEOMETRY_ADAPTIVE;
+    const int head = READS_THETA ? mt_vector_head<V>((uint64_t)g, sizeof(G), (uint64_t)th, sizeof(T))
+                                 : mt_vector_head<V>((uint64_t)g, sizeof(G));
+    const MtSplit split = mt_split<V>(span, head);
+
+    auto scalar = [&](uint64_t i) {
+        const float t = READS_THETA ? to_f32(th[i]) : 0.0f;
+        acc += (double)norm_term<GEOM>(t, to_f32(g[i]), s, eta);
+    };
+    for (uint64_t i = span.begin + threadIdx.x; i < split.vbegin; i += blockDim.x) scalar(i);
+    for (uint64_t i = split.vend + threadIdx.x; i < span.end; i += blockDim.x) scalar(i);
+
+    auto run = [&](const MtVec<T, V>& tv, const MtVec<G, V>& gv) {
+        float r = 0.0f;
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+            r += norm_term<GEOM>(READS_THETA ? to_f32(tv.v[j]) : 0.0f, to_f32(gv.v[j]), s, eta);
+        acc += (double)r;
+    };
+    const G* gb = g + split.vbegin;
+    const T* tb = th + split.vbegin;
+    uint32_t k = threadIdx.x;
+    // Two vectors in flight per thread.
+    for (; k + blockDim.x < split.nvec; k += 2 * blockDim.x) {
+        const uint64_t o0 = (uint64_t)k * V, o1 = (uint64_t)(k + blockDim.x) * V;
+        MtVec<T, V> t0, t1;
+        if (READS_THETA) {
+            t0 = mt_load<T, V>(tb + o0);
+            t1 = mt_load<T, V>(tb + o1);
+        }
+        const MtVec<G, V> g0 = mt_load<G, V>(gb + o0);
+        const MtVec<G, V> g1 = mt_load<G, V>(gb + o1);
+        run(t0, g0);
+        run(t1, g1);
+    }
+    if (k < split.nvec) {
+        const uint64_t o0 = (uint64_t)k * V;
+        MtVec<T, V> t0;
+        if (READS_THETA) t0 = mt_load<T, V>(tb + o0);
+        run(t0, mt_load<G, V>(gb + o0));
+    }
+}
+
+// theta_slot: where θ is read for the adaptive geometry (the params, or the
+// f32 master weights). partials: gridDim.x doubles; counter: zero on entry,
+// left zero on exit.
+template <typename T, typename G>
+__device__ void grad_norm(const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,
+                          uint32_t theta_slot, uint32_t geometry, float eta, float inv_scale,
+                          double* partials, uint32_t* counter, NormState* state) {
+    __shared__ double scratch[32];
+    __shared__ bool last;
+    double acc = 0.0;
+    const uint32_t n = *n_chunks;
+    for (uint32_t c = blockIdx.x; c < n; c += gridDim.x) {
+        const MtChunk ch = chunks[c];
+        const MtTensor& t = tensors[ch.tensor];
+        const MtSpan span = mt_span(t, ch);
+        const G* g = reinterpret_cast<const G*>(t.ptr[MT_SLOT_GRAD]);
+        if (geometry == TRAM_GEOMETRY_ADAPTIVE) {
+            const T* th = reinterpret_cast<const T*>(t.ptr[theta_slot]);
+            norm_chunk<T, G, TRAM_GEOMETRY_ADAPTIVE>(th, g, span, inv_scale, eta, acc);
+        } else if (geometry == TRAM_GEOMETRY_FISHER) {
+            norm_chunk<T, G, TRAM_GEOMETRY_FISHER>(nullptr, g, span, inv_scale, eta, acc);
+        } else {
+            norm_chunk<T, G, TRAM_GEOMETRY_SAM>(nullptr, g, span, inv_scale, eta, acc);
+        }
+    }
+
+    const double block = mt_block_sum(acc, scratch);
+    if (threadIdx.x == 0) {
+        partials[blockIdx.x] = block;
+        __threadfence();  // the partial is visible device-wide before the ticket is taken
+        last = atomicAdd(counter, 1u) == gridDim.x - 1;
+        if (last) __threadfence();  // ...and every other block's partial is seen after it
+    }
+    __syncthreads();
+    if (!last) return;
+
+    double total = 0.0;
+    for (uint32_t i = threadIdx.x; i < gridDim.x; i += blockDim.x) total += __ldcg(partials + i);
+    total = mt_block_sum(total, scratch);
+    if (threadIdx.x == 0) {
+        state->sum_sq = total;
+        state->norm = sqrt(total);
+        state->found_inf = isfinite(total) ? 0u : 1u;
+        *counter = 0u;  // ready for the next launch
+    }
+}
+
+#define GRAD_NORM(TN, GN, T, G)                                                                  \
+    extern "C" __global__ void __launch_bounds__(NORM_THREADS) grad_norm_##TN##_##GN(           \
+        const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,               \
+        uint32_t theta_slot, uint32_t geometry, float eta, float inv_scale, double* partials,   \
+        uint32_t* counter, NormState* state) {                                                  \
+        grad_norm<T, G>(tensors, chunks, n_chunks, theta_slot, geometry, eta, inv_scale,        \
+                        partials, counter, state);                                              \
+    }
+
+// θ type (params, or f32 master) x gradient type.
+GRAD_NORM(f32, f32, float, float)
+GRAD_NORM(f16, f16, f16, f16)
+GRAD_NORM(bf16, bf16, bf16, bf16)
+GRAD_NORM(bf16, f32, bf16, float)
+GRAD_NORM(f32, f16, float, f16)
+GRAD_NORM(f32, bf16, float, bf16)
+
+// The norm from sum_sq alone: for a sharded group, after sum_sq has been
+// all-reduced across ranks. (The perturbation derives its norm from sum_sq
+// itself, so it needs no call to this.)
+extern "C" __global__ void grad_norm_finish(NormState* state) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+        const double s = state->sum_sq;
+        state->norm = sqrt(s);
+        state->found_inf = isfinite(s) ? 0u : 1u;
+    }
+}

@@ -1,0 +1,191 @@
+// θ + ε over every tensor of a parameter group in one launch, with
+// ε = ρ·w/(‖·‖ + 1e-12) (w per geometry, src/config.rs) and ρ a fixed radius
+// or δ·d with the divergence d read from device memory. The norm comes from
+// the NormState that grad_norm left on the device: no host round trip.
+//
+// Modes (one kernel each):
+// - in place: reads θ and g, writes θ + ε over θ and θ into the backup
+//   (16 B/param for f32). The backup is written whatever the status.
+// - master: reads the f32 master weights and g, writes only the P working
+//   copy round_P(master + ε) (10 B/param for bf16 + f32 grads); nothing is
+//   written when the perturbation is not applied.
+// - out of place: reads θ and g, writes θ + ε to a second buffer (θ itself
+//   when not applied).
+// Only tensors with a gradient this step are visited (their θ + ε = θ
+// otherwise): the in-place path writes no backup for them, the out-of-place
+// path leaves their output untouched.
+//
+// Every block derives the same status and coefficient from the same device
+// scalars; block 0 records them (and the norm and ρ it used) in the state.
+//
+// Arithmetic: SAM is one f32 fma per element with c·s rounded once to f32, so
+// ε carries one rounding (2^-24 relative) before the final rounding of θ + ε.
+// Adaptive and Fisher form w in f64 when θ is f32 (ε then carries ~2^-53) and in
+// f32 for f16/bf16 outputs (~6·2^-24, far below their ulp). In every case
+// |result − (θ + ε)| <= 1 ulp(θ + ε) + 2 ulp(ε), ε exact from the norm and ρ used.
+#include "multi_tensor.cuh"
+
+#define PERTURB_THREADS 256
+#define PERTURB_IN_PLACE 0
+#define PERTURB_MASTER 1
+#define PERTURB_OUT_OF_PLACE 2
+#define RADIUS_FIXED 0u
+
+// Arithmetic type of w for outputs of type P: f64 for f32, f32 otherwise.
+template <typename P> struct PerturbAcc { typedef float type; };
+template <> struct PerturbAcc<float> { typedef double type; };
+
+__device__ __forceinline__ float to_f32(double x) { return (float)x; }
+template <typename P> __device__ __forceinline__ P round_to(float x) { return from_f32<P>(x); }
+template <typename P> __device__ __forceinline__ P round_to(double x);
+template <> __device__ __forceinline__ float round_to<float>(double x) { return __double2float_rn(x); }
+
+struct PerturbCoef {
+    double cs;   // ρ·s/(norm + 1e-12)
+    float cs32;  // the same, rounded once to f32 (SAM)
+    float s;     // inverse loss scale
+    float eta;
+};
+
+template <typename P, int GEOM>
+__device__ __forceinline__ P perturb_one(float theta, float g, const PerturbCoef& k) {
+    if (GEOM == TRAM_GEOMETRY_SAM) return from_f32<P>(fmaf(k.cs32, g, theta));
+    typedef typename PerturbAcc<P>::type A;
+    const A th = (A)theta;
+    A e;
+    if (GEOM == TRAM_GEOMETRY_ADAPTIVE) {
+        const A a = (th < 0 ? -th : th) + (A)k.eta;  // (|θ| + η)² · s·g, with s folded into cs
+        e = (A)k.cs * (a * a * (A)g);
+    } else {
+        const A x = (A)k.s * (A)g;  // s·g / (1 + η (s·g)²), with ρ/(N + eps) = cs/s
+        e = ((A)k.cs / (A)k.s) * (x / ((A)1 + (A)k.eta * x * x));
+    }
+    return round_to<P>(th + e);
+}
+
+// One chunk: out = θ + ε (and save = θ when SAVE), θ of type TH.
+template <typename TH, typename G, typename P, int GEOM, bool SAVE>
+__device__ __forceinline__ void perturb_chunk(const TH* th, const G* g, P* out, P* save,
+                                              MtSpan span, const PerturbCoef& k) {
+    constexpr int V = MtWidth<TH, typename MtWidth<G, P>::Narrow>::V;
+    const int head = mt_vector_head<V>((uint64_t)th, sizeof(TH), (uint64_t)g, sizeof(G),
+                                       (uint64_t)out, sizeof(P), (uint64_t)save, sizeof(P));
+    const MtSplit split = mt_split<V>(span, head);
+
+    auto scalar = [&](uint64_t i) {
+        const TH t = th[i];
+        if constexpr (SAVE) save[i] = t;
+        out[i] = perturb_one<P, GEOM>(to_f32(t), to_f32(g[i]), k);
+    };
+    for (uint64_t i = span.begin + threadIdx.x; i < split.vbegin; i += blockDim.x) scalar(i);
+    for (uint64_t i = split.vend + threadIdx.x; i < span.end; i += blockDim.x) scalar(i);
+
+    auto apply = [&](uint64_t o, const MtVec<TH, V>& tv, const MtVec<G, V>& gv) {
+        if constexpr (SAVE) mt_store<P, V>(save + split.vbegin + o, tv);
+        MtVec<P, V> r;
+#pragma unroll
+        for (int j = 0; j < V; ++j) r.v[j] = perturb_one<P, GEOM>(to_f32(tv.v[j]), to_f32(gv.v[j]), k);
+        mt_store<P, V>(out + split.vbegin + o, r);
+    };
+    const TH* tb = th + split.vbegin;
+    const G* gb = g + split.vbegin;
+    // One vector per thread per step: with ~1000 threads per SM that already keeps
+    // 32-48 KB of loads in flight, and a second vector costs spills on f64 paths.
+    for (uint32_t i = threadIdx.x; i < split.nvec; i += blockDim.x) {
+        const uint64_t o = (uint64_t)i * V;
+        apply(o, mt_load<TH, V>(tb + o), mt_load<G, V>(gb + o));
+    }
+}
+
+template <typename TH, typename G, typename P, bool SAVE>
+__device__ __forceinline__ void perturb_dispatch(uint32_t geometry, const TH* th, const G* g,
+                                                 P* out, P* save, MtSpan span,
+                                                 const PerturbCoef& k) {
+    if (geometry == TRAM_GEOMETRY_ADAPTIVE)
+        perturb_chunk<TH, G, P, TRAM_GEOMETRY_ADAPTIVE, SAVE>(th, g, out, save, span, k);
+    else if (geometry == TRAM_GEOMETRY_FISHER)
+        perturb_chunk<TH, G, P, TRAM_GEOMETRY_FISHER, SAVE>(th, g, out, save, span, k);
+    else
+        perturb_chunk<TH, G, P, TRAM_GEOMETRY_SAM, SAVE>(th, g, out, save, span, k);
+}
+
+// radius_kind: RADIUS_FIXED (ρ = radius) or trust region (ρ = radius·*divergence).
+template <typename P, typename G, int MODE>
+__device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,
+                        uint32_t geometry, float eta, float inv_scale, uint32_t radius_kind,
+                        float radius, const float* divergence, NormState* state) {
+    __shared__ double s_cs;
+    __shared__ uint32_t s_status;
+    if (threadIdx.x == 0) {
+        // sum_sq, not norm: a sharded caller all-reduces sum_sq alone.
+        const double sum_sq = state->sum_sq;
+        const double norm = sqrt(sum_sq);
+        const double rho =
+            radius_kind == RADIUS_FIXED ? (double)radius : (double)radius * (double)*divergence;
+        uint32_t status = 0;
+        if (!isfinite(norm)) status |= TRAM_STATUS_NONFINITE_GRAD;
+        if (!isfinite(rho)) status |= TRAM_STATUS_NONFINITE_RADIUS;
+        else if (rho < 0.0) status |= TRAM_STATUS_NEGATIVE_RADIUS;
+        if (status == 0) status = norm == 0.0 ? TRAM_STATUS_ZERO_NORM : TRAM_STATUS_APPLIED;
+        const double coef = status == TRAM_STATUS_APPLIED ? rho / (norm + TRAM_NORM_EPS) : 0.0;
+        s_cs = coef * (double)inv_scale;
+        s_status = status;
+        if (blockIdx.x == 0) {
+            // Other blocks read only sum_sq, which nobody writes here.
+            state->norm = norm;
+            state->rho = rho;
+            state->coef = coef;
+            state->status = status;
+            state->found_inf = isfinite(sum_sq) ? 0u : 1u;
+        }
+    }
+    __syncthreads();
+    const bool applied = s_status == TRAM_STATUS_APPLIED;
+    if (MODE == PERTURB_MASTER && !applied) return;  // the working copy stays as it is
+    PerturbCoef k;
+    k.cs = s_cs;
+    k.cs32 = (float)s_cs;
+    k.s = inv_scale;
+    k.eta = eta;
+
+    const uint32_t n = *n_chunks;
+    for (uint32_t c = blockIdx.x; c < n; c += gridDim.x) {
+        const MtChunk ch = chunks[c];
+        const MtTensor& t = tensors[ch.tensor];
+        const MtSpan span = mt_span(t, ch);
+        const G* g = reinterpret_cast<const G*>(t.ptr[MT_SLOT_GRAD]);
+        if (MODE == PERTURB_MASTER) {
+            const float* m = reinterpret_cast<const float*>(t.ptr[MT_SLOT_MASTER]);
+            P* w = reinterpret_cast<P*>(t.ptr[MT_SLOT_PARAM]);
+            perturb_dispatch<float, G, P, false>(geometry, m, g, w, nullptr, span, k);
+        } else {
+            P* th = reinterpret_cast<P*>(t.ptr[MT_SLOT_PARAM]);
+            P* dst = reinterpret_cast<P*>(t.ptr[MODE == PERTURB_IN_PLACE ? MT_SLOT_BACKUP : MT_SLOT_OUT]);
+            if (!applied) {
+                mt_copy_chunk<P>(th, dst, span);  // backup (in place) or θ itself (out of place)
+            } else if (MODE == PERTURB_IN_PLACE) {
+                perturb_dispatch<P, G, P, true>(geometry, th, g, th, dst, span, k);
+            } else {
+                perturb_dispatch<P, G, P, false>(geometry, th, g, dst, nullptr, span, k);
+            }
+        }
+    }
+}
+
+#define PERTURB(MN, MODE, PN, GN, P, G)                                                          \
+    extern "C" __global__ void __launch_bounds__(PERTURB_THREADS, 4) perturb_##MN##_##PN##_##GN(    \
+        const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,               \
+        uint32_t geometry, float eta, float inv_scale, uint32_t radius_kind, float radius,      \
+        const float* divergence, NormState* state) {                                            \
+        perturb<P, G, MODE>(tensors, chunks, n_chunks, geometry, eta, inv_scale, radius_kind,   \
+                            radius, divergence, state);                                         \
+    }
+#define PERTURB_MODES(PN, GN, P, G)                                \
+    PERTURB(in_place, PERTURB_IN_PLACE, PN, GN, P, G)              \
+    PERTURB(master, PERTURB_MASTER, PN, GN, P, G)                  \
+    PERTURB(out_of_place, PERTURB_OUT_OF_PLACE, PN, GN, P, G)
+
+PERTURB_MODES(f32, f32, float, float)
+PERTURB_MODES(f16, f16, f16, f16)
+PERTURB_MODES(bf16, bf16, bf16, bf16)
+PERTURB_MODES(bf16, f32, bf16, float)
