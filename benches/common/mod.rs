@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use criterion::{Criterion, Throughput};
 use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaSlice, DeviceRepr};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
+use tram_kernels::cuda::group::TensorViews;
 use tram_kernels::cuda::CudaBackend;
 use tram_kernels::Element;
 
@@ -142,5 +144,74 @@ pub fn count(n: usize) -> String {
         format!("{}M", n / 1_000_000)
     } else {
         n.to_string()
+    }
+}
+
+/// `xlmr199x278M`: a group's tensor count and size, for benchmark ids (the
+/// PyTorch baselines name their groups the same way).
+pub fn group_tag(prefix: &str, sizes: &[usize]) -> String {
+    let total: usize = sizes.iter().sum();
+    format!("{prefix}{}x{}M", sizes.len(), total / 1_000_000)
+}
+
+/// The device buffers of a parameter group: one allocation per role, the
+/// tensors as consecutive sub-slices of it (each starting 16-byte aligned,
+/// as every size here is a multiple of 4), filled with seeded random values.
+pub struct DeviceGroup<P: Element + DeviceRepr, G: Element + DeviceRepr> {
+    pub sizes: Vec<usize>,
+    pub param: CudaSlice<P>,
+    pub grad: CudaSlice<G>,
+    pub backup: Option<CudaSlice<P>>,
+    pub master: Option<CudaSlice<f32>>,
+    pub out: Option<CudaSlice<P>>,
+}
+
+impl<P: Element + DeviceRepr, G: Element + DeviceRepr> DeviceGroup<P, G> {
+    pub fn new(gpu: &CudaBackend, sizes: &[usize], backup: bool, master: bool, out: bool) -> Self {
+        let n: usize = sizes.iter().sum();
+        let stream = gpu.stream();
+        let upload = |v: Vec<P>| stream.clone_htod(&v).expect("upload");
+        let param = upload(random(n, 21, 0.05));
+        let grad = stream
+            .clone_htod(&random::<G>(n, 22, 1e-3))
+            .expect("upload");
+        let backup = backup.then(|| upload(random(n, 23, 0.05)));
+        let master = master.then(|| {
+            stream
+                .clone_htod(&random::<f32>(n, 24, 0.05))
+                .expect("upload")
+        });
+        let out = out.then(|| upload(random(n, 25, 0.05)));
+        Self {
+            sizes: sizes.to_vec(),
+            param,
+            grad,
+            backup,
+            master,
+            out,
+        }
+    }
+
+    pub fn elements(&self) -> usize {
+        self.sizes.iter().sum()
+    }
+
+    /// One `TensorViews` per tensor, for `ParamGroup::new`.
+    pub fn views(&self) -> Vec<TensorViews<'_, P, G>> {
+        let mut at = 0;
+        self.sizes
+            .iter()
+            .map(|&n| {
+                let r = at..at + n;
+                at += n;
+                TensorViews {
+                    param: self.param.slice(r.clone()),
+                    grad: self.grad.slice(r.clone()),
+                    backup: self.backup.as_ref().map(|b| b.slice(r.clone())),
+                    master: self.master.as_ref().map(|m| m.slice(r.clone())),
+                    out: self.out.as_ref().map(|o| o.slice(r)),
+                }
+            })
+            .collect()
     }
 }
