@@ -215,3 +215,19 @@ impl<P: Element + DeviceRepr, G: Element + DeviceRepr> DeviceGroup<P, G> {
             .collect()
     }
 }
+
+/// Seeded standard normal values (Box–Muller), filled in parallel.
+pub fn gaussian(n: usize, seed: u64) -> Vec<f64> {
+    const CHUNK: usize = 1 << 16;
+    let mut v = vec![0.0f64; n];
+    v.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| {
+        let mut rng =
+            SmallRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for x in c {
+            let u: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
+            let t: f64 = rng.random::<f64>();
+            *x = (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * t).cos();
+        }
+    });
+    v
+}
