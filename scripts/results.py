@@ -274,6 +274,7 @@ def gpu_section(run_dir):
         impls = sorted({r[0] for r in klerr})
         keys, by = [], {}
         for impl, sigma, gap, kl, err in klerr:
+            sigma, gap = f"{float(sigma):g}", f"{float(gap):.0e}"
             if (sigma, gap) not in by:
                 keys.append((sigma, gap))
                 by[(sigma, gap)] = {"kl": kl}
