@@ -145,7 +145,7 @@ def bench_tram_step():
         torch._foreach_add_(params, e)
 
     def restore():
-        for p, b in zip(params, state["backup"]):
+        for p, b in zip(params, state.pop("backup", [])):
             p.data = b
 
     def step():
@@ -242,17 +242,18 @@ def bench_adamw():
     sizes = group_of(350_000_000)
     nparam = sum(sizes)
     g = torch.Generator(device=DEV).manual_seed(9)
-    master = [torch.randn(n, device=DEV, generator=g) * 0.02 for n in sizes]
+    master = [(torch.randn(n, device=DEV, generator=g) * 0.02).requires_grad_(True) for n in sizes]
     for p in master:
         p.grad = torch.randn(p.shape, device=DEV, generator=g) * 1e-3
     model = [p.detach().to(torch.bfloat16) for p in master]
+    master_data = [p.detach() for p in master]
     opt = torch.optim.AdamW(master, lr=1e-4, weight_decay=0.01, fused=True)
     tag = f"f32master-bf16/{len(sizes)}x{nparam // 1_000_000}M"
 
     def step():
         opt.step()
         with torch.no_grad():
-            torch._foreach_copy_(model, master)
+            torch._foreach_copy_(model, master_data)
 
     report(
         f"adamw/fused/{tag}",

@@ -22,6 +22,9 @@ mkdir -p bench-logs/cpu
 log="bench-logs/cpu/$(date -u +%Y-%m-%d)-$machine.log"
 
 benches=(copy grad_norm perturb kl_div)
+# A fresh criterion folder: no "change since last run" lines, no stale baselines.
+export CRITERION_HOME="$(mktemp -d)"
+trap 'rm -rf "$CRITERION_HOME"' EXIT
 cargo bench --no-run "${benches[@]/#/--bench=}" >&2 || exit 1
 
 {
@@ -35,12 +38,12 @@ cargo bench --no-run "${benches[@]/#/--bench=}" >&2 || exit 1
     echo "# load before: $(cut -d' ' -f1-3 /proc/loadavg)"
     for b in "${benches[@]}"; do
         echo
-        echo "=== cargo bench --bench $b"
+        echo "=== cargo bench --bench $b (load $(cut -d' ' -f1-3 /proc/loadavg))"
         cargo bench -q --bench "$b" -- "$@" 2>&1
         echo "=== exit $?"
     done
     echo
-    echo "=== numpy baselines (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset for this command only)"
+    echo "=== numpy baselines (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset for this command only; load $(cut -d' ' -f1-3 /proc/loadavg))"
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$venv/bin/python" scripts/baselines_numpy.py 2>&1
     echo "=== exit $?"
     echo

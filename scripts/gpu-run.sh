@@ -10,6 +10,11 @@
 # and the run goes on. At most 6 files, each cut at 15 MiB.
 #
 #   scripts/gpu-run.sh OUTDIR      (from the repository root, gpu-bundle/ beside it)
+#
+# With the device tool: build with scripts/gpu-build.sh in the checkout the
+# tool sends, then run(command="scripts/gpu-run.sh $OUT", carry=["gpu-bundle"],
+# timeout_s=590). Commit what comes back as gpu-runs/<date>-<card>/ and run
+# scripts/results.py to regenerate BENCHMARKS.md.
 set -u
 
 out="${1:?usage: gpu-run.sh OUTDIR}"
