@@ -27,6 +27,20 @@ export CRITERION_HOME="$(mktemp -d)"
 trap 'rm -rf "$CRITERION_HOME"' EXIT
 cargo bench --no-run "${benches[@]/#/--bench=}" >&2 || exit 1
 
+bench() {
+    echo
+    echo "=== cargo bench --bench $1 (load $(cut -d' ' -f1-3 /proc/loadavg))"
+    cargo bench -q --bench "$1" -- "${criterion_args[@]}" 2>&1
+    echo "=== exit $?"
+}
+numpy() {
+    echo
+    echo "=== numpy baseline $1 (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset for this command only; load $(cut -d' ' -f1-3 /proc/loadavg))"
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$venv/bin/python" scripts/baselines_numpy.py "$1" 2>&1
+    echo "=== exit $?"
+}
+criterion_args=("$@")
+
 {
     echo "# date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "# machine: $machine"
@@ -36,16 +50,16 @@ cargo bench --no-run "${benches[@]/#/--bench=}" >&2 || exit 1
     echo "# rustc: $(rustc --version)"
     echo "# commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src benches 2>/dev/null || echo ' (+ uncommitted changes)')"
     echo "# load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-    for b in "${benches[@]}"; do
-        echo
-        echo "=== cargo bench --bench $b (load $(cut -d' ' -f1-3 /proc/loadavg))"
-        cargo bench -q --bench "$b" -- "$@" 2>&1
-        echo "=== exit $?"
-    done
-    echo
-    echo "=== numpy baselines (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset for this command only; load $(cut -d' ' -f1-3 /proc/loadavg))"
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "$venv/bin/python" scripts/baselines_numpy.py 2>&1
-    echo "=== exit $?"
+    # Each comparison back to back, since the load of a shared machine drifts:
+    # numpy copy, our copy, perturb/restore (percent of that copy); numpy
+    # norm, our norm; numpy KL, our KL.
+    numpy copy
+    bench copy
+    bench perturb
+    numpy norm
+    bench grad_norm
+    numpy kl
+    bench kl_div
     echo
     echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$log"
