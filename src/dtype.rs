@@ -66,6 +66,28 @@ impl Element for f32 {
     }
 }
 
+/// `x` rounded to f32 with round-to-odd (`x` not NaN): the truncation toward
+/// zero, with the last bit set when inexact. Rounding that to nearest even in a
+/// format of at most 22 significand bits (f16: 11, bf16: 8) gives the same result
+/// as rounding `x` directly: 24 ≥ p + 2 bits make double rounding harmless when the
+/// first one is to odd (Boldo and Melquiond, "When double rounding is odd", 2005).
+/// Beyond f32's range it gives ±f32::MAX (odd), which rounds to ±inf in both half
+/// formats, as `x` itself does.
+#[inline(always)]
+pub(crate) fn round_to_odd_f32(x: f64) -> f32 {
+    let t = x as f32;
+    let td = t as f64;
+    // Branch-free so block loops vectorise: when t was rounded away from zero,
+    // step back toward zero (same sign); when inexact, set the last bit.
+    let away = (td.abs() > x.abs()) as u32;
+    let inexact = (td != x) as u32;
+    f32::from_bits((t.to_bits() - away) | inexact)
+}
+
+// `half`'s own f64 → f16/bf16 conversions drop the low 32 bits of the f64
+// significand before rounding, so values just above a tie round the wrong way
+// (~1e-4 of random inputs). Going through round-to-odd f32 rounds correctly.
+
 impl Element for f16 {
     const DTYPE: DType = DType::F16;
     fn to_f32(self) -> f32 {
@@ -78,7 +100,11 @@ impl Element for f16 {
         f16::from_f32(x)
     }
     fn from_f64(x: f64) -> Self {
-        f16::from_f64(x)
+        if x.is_nan() {
+            f16::from_f64(x)
+        } else {
+            f16::from_f32(round_to_odd_f32(x))
+        }
     }
     fn to_bits_u32(self) -> u32 {
         self.to_bits() as u32
@@ -97,7 +123,11 @@ impl Element for bf16 {
         bf16::from_f32(x)
     }
     fn from_f64(x: f64) -> Self {
-        bf16::from_f64(x)
+        if x.is_nan() {
+            bf16::from_f64(x)
+        } else {
+            bf16::from_f32(round_to_odd_f32(x))
+        }
     }
     fn to_bits_u32(self) -> u32 {
         self.to_bits() as u32

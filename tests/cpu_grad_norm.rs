@@ -213,6 +213,20 @@ fn check_nonfinite<P: Element, G: Element>(bad: f64) {
     }
 }
 
+/// A non-finite θ is not a gradient overflow: only the adaptive norm reads θ.
+#[test]
+fn nonfinite_theta_is_not_found_inf() {
+    let mut rng = SmallRng::seed_from_u64(31);
+    let mut group = Group::<f32, f32>::random(&mut rng, &[100, 70_000], 1.0);
+    group.params[1][69_999] = f32::INFINITY;
+    for geometry in GEOMETRIES {
+        let out = grad_norm(&group.p(), &group.g(), geometry, 1.0).unwrap();
+        assert!(!out.found_inf);
+        let adaptive = matches!(geometry, Geometry::Adaptive { .. });
+        assert_eq!(out.norm.is_finite(), !adaptive, "{geometry:?}");
+    }
+}
+
 #[test]
 fn nonfinite_gradient_is_found() {
     for bad in [f64::INFINITY, f64::NEG_INFINITY, f64::NAN] {

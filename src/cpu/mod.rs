@@ -1,6 +1,7 @@
 //! The CPU reference: rayon-parallel, f64 accumulation. It is the oracle of
 //! every GPU test, so accuracy comes before speed here.
 
+pub mod convert;
 pub mod grad_norm;
 pub mod kl_div;
 pub mod perturb;

@@ -3,28 +3,32 @@
 //! the working copy ([`perturb_master`]), and out of place ([`perturb_out_of_place`]).
 //!
 //! With `g' = s·g` (`s` the inverse loss scale), the norm `N` of
-//! [`grad_norm`](super::grad_norm::grad_norm) and the radius ρ ([`radius_value`]):
+//! [`grad_norm`] and the radius ρ ([`radius_value`]):
 //! `ε = c·w`, `c = ρ/(N + NORM_EPS)`, `w` = `g'`, `(|θ|+η)²·g'` or `g'/(1+η·g'²)`
-//! (SAM, adaptive, Fisher). For SAM and adaptive ε does not depend on the loss
-//! scale once `s` undoes it; Fisher's `w` is not homogeneous in `g`, so it is
-//! defined on the unscaled `g'`.
+//! (SAM, adaptive, Fisher). With `s` = 1/scale, ε does not depend on the loss
+//! scale in any geometry (bit for bit when the scale is a power of two). SAM and
+//! adaptive ε are also invariant to a scale left in `g` (degree 0 in `g`, up to
+//! rounding); Fisher's `w` is not, so it needs the unscaled `g'`.
 //!
 //! What happens is decided once per group ([`plan`]), in this order:
 //! a non-finite `N` sets `NONFINITE_GRAD`, a non-finite ρ `NONFINITE_RADIUS`, a
 //! negative ρ `NEGATIVE_RADIUS`; any of these leaves θ unchanged. Otherwise
 //! `N == 0` sets `ZERO_NORM` (ε = 0, θ unchanged), else `APPLIED`.
 //!
-//! Each new value is computed in f64 ([`perturbed_value`]) and rounded once to
-//! the parameter type (round to nearest even), so the CPU result is the correctly
-//! rounded `θ + ε` up to the few f64 roundings inside `ε` (relative error of the
-//! f64 value ≤ 8·2^-53 of `|ε|`, far below half an ulp of any f32/f16/bf16 result).
+//! Each new value is computed in f64 ([`perturbed_value`], from the report's
+//! `coef`) and rounded once to the parameter type, to nearest even
+//! ([`Element::from_f64`]). So the stored value is the correctly rounded value of
+//! a number within `8·2^-53·|ε| + 2^-53·|θ+ε|` of the exact `θ + c·w` (a few f64
+//! roundings in `w`, `c·w` and the sum): at most half an ulp of `θ + ε` in
+//! f32/f16/bf16, plus one ulp in the rare case that the f64 error crosses a tie.
 //!
 //! The `*_with` variants take the norm and radius explicitly, so a GPU test can
 //! replay exactly the values the device used.
 
 use rayon::prelude::*;
 
-use super::grad_norm::{check_settings, grad_norm, CHUNK};
+use super::convert::{narrow, widen};
+use super::grad_norm::{check_settings, grad_norm, BLOCK, CHUNK};
 use crate::config::{Geometry, PerturbStatus, Radius, NORM_EPS};
 use crate::dtype::Element;
 use crate::error::{ensure, Result};
@@ -106,6 +110,45 @@ fn fisher_w(x: f64, eta: f64) -> f64 {
 #[inline(always)]
 pub fn perturbed_value(theta: f64, g: f64, geometry: Geometry, inv_scale: f32, coef: f64) -> f64 {
     theta + coef * direction(theta, inv_scale as f64 * g, geometry)
+}
+
+/// Per-task buffers of one block: widened θ and g, the f64 results, and the
+/// narrowing scratch.
+struct Scratch {
+    t: [f32; BLOCK],
+    g: [f32; BLOCK],
+    v: [f64; BLOCK],
+    n: [f32; BLOCK],
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Self {
+            t: [0.0; BLOCK],
+            g: [0.0; BLOCK],
+            v: [0.0; BLOCK],
+            n: [0.0; BLOCK],
+        }
+    }
+}
+
+/// `out[k] ← round(f(θ[k], g[k]))` over one block (≤ [`BLOCK`] elements, equal
+/// lengths). Widening is exact and the narrowing rounds once, as `from_f64`.
+#[inline(always)]
+fn update_block<T: Element, G: Element, P: Element>(
+    theta: &[T],
+    grad: &[G],
+    out: &mut [P],
+    f: &impl Fn(f64, f64) -> f64,
+    sc: &mut Scratch,
+) {
+    let t = widen(theta, &mut sc.t);
+    let g = widen(grad, &mut sc.g);
+    let v = &mut sc.v[..theta.len()];
+    for ((v, &t), &g) in v.iter_mut().zip(t).zip(g) {
+        *v = f(t as f64, g as f64);
+    }
+    narrow(v, out, &mut sc.n);
 }
 
 /// Runs `body` with a per-element update function specialised to the geometry,
@@ -240,10 +283,13 @@ pub fn perturb_with<P: Element, G: Element>(
     with_update!(geometry, inv_scale as f64, report.coef, |f| {
         work.into_par_iter().for_each(|(p, g, b)| match g {
             // One pass: read θ once, write the backup and θ + ε.
+            // Block by block: back up θ, then write θ + ε computed from the backup.
             Some(g) => {
-                for ((t, bk), gv) in p.iter_mut().zip(b.iter_mut()).zip(g) {
-                    *bk = *t;
-                    *t = P::from_f64(f(t.to_f64(), gv.to_f64()));
+                let mut sc = Scratch::new();
+                let blocks = p.chunks_mut(BLOCK).zip(g.chunks(BLOCK));
+                for ((pb, gb), bb) in blocks.zip(b.chunks_mut(BLOCK)) {
+                    bb.copy_from_slice(pb);
+                    update_block(bb, gb, pb, &f, &mut sc);
                 }
             }
             None => b.copy_from_slice(p),
@@ -306,8 +352,10 @@ pub fn perturb_master_with<P: Element, G: Element>(
     }
     with_update!(geometry, inv_scale as f64, report.coef, |f| {
         work.into_par_iter().for_each(|(m, g, w)| {
-            for ((wv, &mv), gv) in w.iter_mut().zip(m).zip(g) {
-                *wv = P::from_f64(f(mv as f64, gv.to_f64()));
+            let mut sc = Scratch::new();
+            let blocks = m.chunks(BLOCK).zip(g.chunks(BLOCK));
+            for ((mb, gb), wb) in blocks.zip(w.chunks_mut(BLOCK)) {
+                update_block(mb, gb, wb, &f, &mut sc);
             }
         })
     });
@@ -366,8 +414,10 @@ pub fn perturb_out_of_place_with<P: Element, G: Element>(
     with_update!(geometry, inv_scale as f64, report.coef, |f| {
         work.into_par_iter().for_each(|(p, g, o)| match g {
             Some(g) => {
-                for ((ov, tv), gv) in o.iter_mut().zip(p).zip(g) {
-                    *ov = P::from_f64(f(tv.to_f64(), gv.to_f64()));
+                let mut sc = Scratch::new();
+                let blocks = p.chunks(BLOCK).zip(g.chunks(BLOCK));
+                for ((pb, gb), ob) in blocks.zip(o.chunks_mut(BLOCK)) {
+                    update_block(pb, gb, ob, &f, &mut sc);
                 }
             }
             None => o.copy_from_slice(p),
