@@ -212,6 +212,18 @@ impl KlWorkspace {
         &self.value
     }
 
+    /// Overwrites every result the workspace holds (the device scalar, the
+    /// per-row values and statistics) with NaN, asynchronously, so that a
+    /// result a later call failed to write cannot pass for a fresh one.
+    pub fn poison(&mut self, backend: &CudaBackend) -> Result<()> {
+        let stream = backend.stream();
+        stream.memcpy_htod(&[f32::NAN], &mut self.value)?;
+        stream.memcpy_htod(&[f64::NAN; 4], &mut self.scalars)?;
+        stream.memcpy_htod(&vec![0xffu8; self.stats.len()], &mut self.stats)?;
+        stream.memcpy_htod(&vec![0xffu8; self.partials.len()], &mut self.partials)?;
+        Ok(())
+    }
+
     /// Waits for the stream and reads the last call's results for its `rows`.
     pub fn read(&self, backend: &CudaBackend, rows: usize) -> Result<KlReadback> {
         ensure!(
