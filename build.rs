@@ -24,7 +24,13 @@ fn main() {
     let kernel_dir = manifest.join("kernels");
 
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "TRAM_REQUIRE_NVCC"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "PATH",
+        "TRAM_REQUIRE_NVCC",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -128,9 +134,15 @@ fn compile_all(nvcc: &Path, kernel_dir: &Path, kernels: &[PathBuf], out_dir: &Pa
          # registers, spill stores/loads and shared memory per kernel; spills should be 0.\n"
     );
     for b in &built {
-        let _ = writeln!(report, "\n## {}.cu\n{}", b.name, b.resource_usage.trim_end());
+        let _ = writeln!(
+            report,
+            "\n## {}.cu\n{}",
+            b.name,
+            b.resource_usage.trim_end()
+        );
         for line in b.resource_usage.lines() {
-            if line.contains("spill") && !line.contains(" 0 bytes spill stores, 0 bytes spill loads")
+            if line.contains("spill")
+                && !line.contains(" 0 bytes spill stores, 0 bytes spill loads")
             {
                 println!(
                     "cargo:warning=tram-kernels: {}.cu spills on {SASS_ARCH}: {}",
@@ -148,7 +160,12 @@ fn compile_all(nvcc: &Path, kernel_dir: &Path, kernels: &[PathBuf], out_dir: &Pa
     generated_source(Some((nvcc, &release)), "", &built)
 }
 
-fn compile_one(nvcc: &Path, kernel_dir: &Path, src: &Path, out_dir: &Path) -> Result<Built, String> {
+fn compile_one(
+    nvcc: &Path,
+    kernel_dir: &Path,
+    src: &Path,
+    out_dir: &Path,
+) -> Result<Built, String> {
     let name = src.file_stem().unwrap().to_string_lossy().into_owned();
     let ptx = out_dir.join(format!("{name}.ptx"));
     let cubin = out_dir.join(format!("{name}.{SASS_ARCH}.cubin"));
@@ -179,7 +196,11 @@ fn compile_one(nvcc: &Path, kernel_dir: &Path, src: &Path, out_dir: &Path) -> Re
     };
 
     let mut to_ptx = Command::new(nvcc);
-    to_ptx.arg("--ptx").arg(format!("-arch={PTX_ARCH}")).arg("-o").arg(&ptx);
+    to_ptx
+        .arg("--ptx")
+        .arg(format!("-arch={PTX_ARCH}"))
+        .arg("-o")
+        .arg(&ptx);
     common(&mut to_ptx);
     run(&mut to_ptx, PTX_ARCH)?;
 
@@ -192,7 +213,11 @@ fn compile_one(nvcc: &Path, kernel_dir: &Path, src: &Path, out_dir: &Path) -> Re
         .arg(&cubin);
     common(&mut to_cubin);
     let resource_usage = run(&mut to_cubin, SASS_ARCH)?;
-    Ok(Built { name, ptx, resource_usage })
+    Ok(Built {
+        name,
+        ptx,
+        resource_usage,
+    })
 }
 
 fn generated_source(nvcc: Option<(&Path, &str)>, missing: &str, built: &[Built]) -> String {
@@ -205,7 +230,9 @@ fn generated_source(nvcc: Option<(&Path, &str)>, missing: &str, built: &[Built])
                 format!("{} ({release})", path.display())
             );
         }
-        None => s.push_str("/// The nvcc that built the embedded PTX.\npub const NVCC: Option<&str> = None;\n"),
+        None => s.push_str(
+            "/// The nvcc that built the embedded PTX.\npub const NVCC: Option<&str> = None;\n",
+        ),
     }
     let _ = writeln!(
         s,
@@ -213,7 +240,12 @@ fn generated_source(nvcc: Option<(&Path, &str)>, missing: &str, built: &[Built])
     );
     s.push_str("/// Every `kernels/*.cu`, by file stem, as PTX text.\npub static MODULES: &[(&str, &str)] = &[\n");
     for b in built {
-        let _ = writeln!(s, "    ({:?}, include_str!({:?})),", b.name, b.ptx.display().to_string());
+        let _ = writeln!(
+            s,
+            "    ({:?}, include_str!({:?})),",
+            b.name,
+            b.ptx.display().to_string()
+        );
     }
     s.push_str("];\n");
     s

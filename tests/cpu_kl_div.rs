@@ -784,3 +784,54 @@ fn bad_input_is_an_error() {
     };
     assert!(kinv(kl_div(&bad, &bad, None, &o)));
 }
+
+#[test]
+fn adversarial_rows_match_oracle() {
+    let mut rng = SmallRng::seed_from_u64(15);
+    // (name, vocab, a, b, τ)
+    type Case = (String, usize, Vec<f32>, Vec<f32>, f32);
+    let mut cases: Vec<Case> = Vec::new();
+    // The argmax element is an outlier in d while the rest agree to 1e-5: the
+    // reference must not sit on it.
+    let v = 50_257;
+    let mut a: Vec<f32> = (0..v).map(|_| (0.01 * normal(&mut rng)) as f32).collect();
+    a[123] = 0.2;
+    let mut b: Vec<f32> = a
+        .iter()
+        .map(|&x| (x as f64 + 1e-5 * normal(&mut rng)) as f32)
+        .collect();
+    b[123] = -0.8;
+    cases.push(("outlier at the argmax".into(), v, a, b, 1.0));
+    // Every chunk has its own mean of d (merges move references by up to ±10).
+    let v = 20_000;
+    let a: Vec<f32> = (0..v).map(|_| (2.0 * normal(&mut rng)) as f32).collect();
+    let b: Vec<f32> = (0..v)
+        .map(|i| (a[i] as f64 + 5.0 * ((i / 512) as f64).sin() + 1e-4 * normal(&mut rng)) as f32)
+        .collect();
+    cases.push(("chunk-wise offsets".into(), v, a, b, 1.0));
+    // Huge logits, a temperature, and the peak in the one-element last chunk.
+    let v = 4_097;
+    let mut a: Vec<f32> = (0..v).map(|_| (1000.0 * normal(&mut rng)) as f32).collect();
+    a[v - 1] = a.iter().cloned().fold(f32::MIN, f32::max) + 100.0;
+    let b: Vec<f32> = a
+        .iter()
+        .map(|&x| (x as f64 + 0.3 * normal(&mut rng)) as f32)
+        .collect();
+    cases.push(("huge logits, τ = 700".into(), v, a, b, 700.0));
+    // XLM-R's vocabulary, nearly equal rows, a high temperature.
+    let v = 250_002;
+    let (a, b) = make::<f32>(&mut rng, 1, v, v, 30.0, 2.0, 1e-4);
+    cases.push(("V = 250,002, τ = 0.7".into(), v, a, b, 0.7));
+    let (a, b) = make::<f32>(&mut rng, 1, v, v, 30.0, 0.0, 1e-3);
+    cases.push(("V = 250,002, τ = 100".into(), v, a, b, 100.0));
+    for (what, v, a, b, tau) in &cases {
+        let la = Logits::dense(a, 1, *v).unwrap();
+        let lb = Logits::dense(b, 1, *v).unwrap();
+        for dir in DIRS {
+            let w = format!("{what} {dir:?}");
+            let e = check_against_oracle(&la, &lb, dir, *tau, &w, *v < 100_000);
+            let kl = kl_div(&la, &lb, None, &opts(dir, Reduction::Sum, *tau)).unwrap();
+            eprintln!("{w}: KL {:e}, relative error {e:e}", kl.value);
+        }
+    }
+}
