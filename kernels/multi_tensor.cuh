@@ -3,10 +3,11 @@
 // The host describes every tensor of a group once, in a device table of
 // MtTensor (up to MT_SLOTS pointers each: parameter, gradient, backup, master,
 // ...; what a slot means is up to the group, see src/cuda/group.rs), and cuts
-// the tensors that take part in a step into fixed-size chunks: a device list
-// of MtChunk, built on the host (`chunk_map` in src/cuda/group.rs). Kernels
-// walk that list with a grid stride, so any number of tensors costs one launch
-// and the work per chunk is bounded.
+// the tensors into fixed-size chunks: a device list of MtChunk built on the
+// host (`chunk_map` in src/cuda/group.rs), the chunks of the tensors taking
+// part in a step first, then the others, with both counts in device memory
+// (n_chunks[0], n_chunks[1]). Kernels walk that list with a grid stride, so any
+// number of tensors costs one launch and the work per chunk is bounded.
 //
 // Offsets are 64-bit throughout: a tensor may hold more than 2^31 elements.
 #pragma once

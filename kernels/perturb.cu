@@ -11,9 +11,9 @@
 //   written when the perturbation is not applied.
 // - out of place: reads θ and g, writes θ + ε to a second buffer (θ itself
 //   when not applied).
-// Only tensors with a gradient this step are visited (their θ + ε = θ
-// otherwise): the in-place path writes no backup for them, the out-of-place
-// path leaves their output untouched.
+// Tensors without a gradient this step have θ + ε = θ: the in-place and
+// master paths skip them (no backup is written for them; restore skips them
+// too), the out-of-place path copies θ to their output.
 //
 // Every block derives the same status and coefficient from the same device
 // scalars; block 0 records them (and the norm and ρ it used) in the state.
@@ -35,13 +35,13 @@
 template <typename P> struct PerturbAcc { typedef float type; };
 template <> struct PerturbAcc<float> { typedef double type; };
 
-__device__ __forceinline__ float to_f32(double x) { return (float)x; }
 template <typename P> __device__ __forceinline__ P round_to(float x) { return from_f32<P>(x); }
 template <typename P> __device__ __forceinline__ P round_to(double x);
 template <> __device__ __forceinline__ float round_to<float>(double x) { return __double2float_rn(x); }
 
 struct PerturbCoef {
-    double cs;   // ρ·s/(norm + 1e-12)
+    double c;    // ρ/(norm + 1e-12)
+    double cs;   // c·s
     float cs32;  // the same, rounded once to f32 (SAM)
     float s;     // inverse loss scale
     float eta;
@@ -57,8 +57,8 @@ __device__ __forceinline__ P perturb_one(float theta, float g, const PerturbCoef
         const A a = (th < 0 ? -th : th) + (A)k.eta;  // (|θ| + η)² · s·g, with s folded into cs
         e = (A)k.cs * (a * a * (A)g);
     } else {
-        const A x = (A)k.s * (A)g;  // s·g / (1 + η (s·g)²), with ρ/(N + eps) = cs/s
-        e = ((A)k.cs / (A)k.s) * (x / ((A)1 + (A)k.eta * x * x));
+        const A x = (A)k.s * (A)g;  // s·g / (1 + η (s·g)²)
+        e = (A)k.c * (x / ((A)1 + (A)k.eta * x * x));
     }
     return round_to<P>(th + e);
 }
@@ -114,7 +114,7 @@ template <typename P, typename G, int MODE>
 __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,
                         uint32_t geometry, float eta, float inv_scale, uint32_t radius_kind,
                         float radius, const float* divergence, NormState* state) {
-    __shared__ double s_cs;
+    __shared__ double s_c;
     __shared__ uint32_t s_status;
     if (threadIdx.x == 0) {
         // sum_sq, not norm: a sharded caller all-reduces sum_sq alone.
@@ -128,7 +128,7 @@ __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const ui
         else if (rho < 0.0) status |= TRAM_STATUS_NEGATIVE_RADIUS;
         if (status == 0) status = norm == 0.0 ? TRAM_STATUS_ZERO_NORM : TRAM_STATUS_APPLIED;
         const double coef = status == TRAM_STATUS_APPLIED ? rho / (norm + TRAM_NORM_EPS) : 0.0;
-        s_cs = coef * (double)inv_scale;
+        s_c = coef;
         s_status = status;
         if (blockIdx.x == 0) {
             // Other blocks read only sum_sq, which nobody writes here.
@@ -143,16 +143,25 @@ __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const ui
     const bool applied = s_status == TRAM_STATUS_APPLIED;
     if (MODE == PERTURB_MASTER && !applied) return;  // the working copy stays as it is
     PerturbCoef k;
-    k.cs = s_cs;
-    k.cs32 = (float)s_cs;
+    k.c = s_c;
+    k.cs = s_c * (double)inv_scale;
+    k.cs32 = (float)k.cs;
     k.s = inv_scale;
     k.eta = eta;
 
-    const uint32_t n = *n_chunks;
-    for (uint32_t c = blockIdx.x; c < n; c += gridDim.x) {
+    // Chunks of tensors with a gradient come first; out of place also walks
+    // the others, whose output is θ itself.
+    const uint32_t n = n_chunks[0];
+    const uint32_t total = MODE == PERTURB_OUT_OF_PLACE ? n_chunks[1] : n;
+    for (uint32_t c = blockIdx.x; c < total; c += gridDim.x) {
         const MtChunk ch = chunks[c];
         const MtTensor& t = tensors[ch.tensor];
         const MtSpan span = mt_span(t, ch);
+        if (MODE == PERTURB_OUT_OF_PLACE && c >= n) {
+            mt_copy_chunk<P>(reinterpret_cast<const P*>(t.ptr[MT_SLOT_PARAM]),
+                             reinterpret_cast<P*>(t.ptr[MT_SLOT_OUT]), span);
+            continue;
+        }
         const G* g = reinterpret_cast<const G*>(t.ptr[MT_SLOT_GRAD]);
         if (MODE == PERTURB_MASTER) {
             const float* m = reinterpret_cast<const float*>(t.ptr[MT_SLOT_MASTER]);

@@ -5,7 +5,8 @@
 //! The group holds a device table with one [`MtTensor`] per tensor (its
 //! parameter, gradient, backup, master and output addresses, see [`Slot`],
 //! and its 64-bit length) and a device list of [`MtChunk`]s: the tensors that
-//! have a gradient this step, cut into chunks of [`MT_CHUNK`] elements. Both
+//! have a gradient this step, cut into chunks of [`MT_CHUNK`] elements, then
+//! those of the other tensors (see [`ChunkMap`]). Both
 //! are built on the host by plain functions ([`describe`], [`chunk_map`]) and
 //! uploaded when the group is built; [`ParamGroup::set_has_grad`] rebuilds
 //! only the chunk list. The group also owns the workspace of the norm (one
@@ -18,7 +19,9 @@
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, DeviceSlice, ValidAsZeroBits,
+};
 
 use super::CudaBackend;
 use crate::config::PerturbStatus;
@@ -173,7 +176,10 @@ pub fn describe(
     grad: DType,
     tensors: &[RawTensor],
 ) -> Result<(Vec<MtTensor>, Roles)> {
-    ensure!(!tensors.is_empty(), "a parameter group needs at least one tensor");
+    ensure!(
+        !tensors.is_empty(),
+        "a parameter group needs at least one tensor"
+    );
     ensure!(
         tensors.len() <= u32::MAX as usize,
         "too many tensors in one group ({})",
@@ -231,7 +237,9 @@ pub fn describe(
                 "tensor {i}: {name} address {:#x} is not aligned to its {size}-byte elements",
                 b.ptr
             );
-            let bytes = len.checked_mul(size as u64).and_then(|n| b.ptr.checked_add(n));
+            let bytes = len
+                .checked_mul(size as u64)
+                .and_then(|n| b.ptr.checked_add(n));
             let Some(end) = bytes else {
                 return Err(crate::Error::invalid(format!(
                     "tensor {i}: {name} extends past the address space"
@@ -256,35 +264,52 @@ pub fn describe(
     Ok((table, roles))
 }
 
-/// The chunk list of the tensors with `active[i]` set: for each in table
-/// order, chunks `0..ceil(len / MT_CHUNK)`. Empty tensors have no chunks.
-pub fn chunk_map(lens: &[u64], active: &[bool]) -> Result<Vec<MtChunk>> {
+/// The chunk list of a group: every chunk of the tensors with `active[i]` set
+/// (in table order, chunks `0..ceil(len / MT_CHUNK)` each), then those of the
+/// others. Kernels that skip tensors without a gradient read the first
+/// `active` entries; the out-of-place perturbation also walks the rest (it
+/// copies θ there). Empty tensors have no chunks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChunkMap {
+    pub chunks: Vec<MtChunk>,
+    pub active: usize,
+}
+
+/// Builds the [`ChunkMap`] of tensors of lengths `lens`.
+pub fn chunk_map(lens: &[u64], active: &[bool]) -> Result<ChunkMap> {
     ensure!(
         lens.len() == active.len(),
         "{} has-gradient flags for {} tensors",
         active.len(),
         lens.len()
     );
-    let total: u64 = lens
-        .iter()
-        .zip(active)
-        .filter(|(_, &a)| a)
-        .map(|(&l, _)| l.div_ceil(MT_CHUNK))
-        .sum();
+    let total: u64 = lens.iter().map(|&l| l.div_ceil(MT_CHUNK)).sum();
     ensure!(
         total <= u32::MAX as u64,
         "{total} chunks is more than one launch can index"
     );
     let mut chunks = Vec::with_capacity(total as usize);
-    for (t, (&len, _)) in lens.iter().zip(active).enumerate().filter(|(_, (_, &a))| a) {
-        for index in 0..len.div_ceil(MT_CHUNK) as u32 {
-            chunks.push(MtChunk {
-                tensor: t as u32,
-                index,
-            });
+    let mut n_active = 0;
+    for pass in [true, false] {
+        for (t, &len) in lens.iter().enumerate() {
+            if active[t] != pass {
+                continue;
+            }
+            for index in 0..len.div_ceil(MT_CHUNK) as u32 {
+                chunks.push(MtChunk {
+                    tensor: t as u32,
+                    index,
+                });
+            }
+        }
+        if pass {
+            n_active = chunks.len();
         }
     }
-    Ok(chunks)
+    Ok(ChunkMap {
+        chunks,
+        active: n_active,
+    })
 }
 
 /// The tensors of a model (or a shard of it), described once and reused by
@@ -302,7 +327,7 @@ pub struct ParamGroup<'a> {
     roles: Roles,
     lens: Vec<u64>,
     has_grad: Vec<bool>,
-    chunks: Vec<MtChunk>,
+    chunks: ChunkMap,
     stream: Arc<CudaStream>,
     table_dev: CudaSlice<MtTensor>,
     chunks_dev: CudaSlice<MtChunk>,
@@ -322,7 +347,7 @@ impl std::fmt::Debug for ParamGroup<'_> {
             .field("grad_dtype", &self.grad_dtype)
             .field("tensors", &self.lens.len())
             .field("elements", &self.num_elements())
-            .field("active_chunks", &self.chunks.len())
+            .field("active_chunks", &self.chunks.active)
             .field("roles", &self.roles)
             .finish()
     }
@@ -334,12 +359,26 @@ impl<'a> ParamGroup<'a> {
     /// backend's context. Every tensor starts with a gradient.
     ///
     /// Errors as [`describe`]: lengths that differ, no tensors, an
-    /// unsupported `(P, G)` pair, overlapping views.
+    /// unsupported `(P, G)` pair, overlapping views; and a view of another
+    /// context than the backend's.
     pub fn new<P: Element, G: Element>(
         backend: &CudaBackend,
         tensors: &[TensorViews<'a, P, G>],
     ) -> Result<Self> {
         let stream = backend.stream();
+        let ctx = backend.context();
+        for (i, t) in tensors.iter().enumerate() {
+            let same = t.param.stream().context() == ctx
+                && t.grad.stream().context() == ctx
+                && t.backup
+                    .as_ref()
+                    .is_none_or(|v| v.stream().context() == ctx)
+                && t.master
+                    .as_ref()
+                    .is_none_or(|v| v.stream().context() == ctx)
+                && t.out.as_ref().is_none_or(|v| v.stream().context() == ctx);
+            ensure!(same, "tensor {i}: a buffer belongs to another CUDA context");
+        }
         let raw: Vec<RawTensor> = tensors
             .iter()
             .map(|t| RawTensor {
@@ -400,12 +439,13 @@ impl<'a> ParamGroup<'a> {
 
         // Fill the GPU: as many blocks as fit on every SM at once.
         let sm = backend.sm_count();
-        let theta = if roles.master { DType::F32 } else { param_dtype };
-        let norm_fn = backend.function(&format!(
-            "grad_norm_{}_{}",
-            theta.name(),
-            grad_dtype.name()
-        ))?;
+        let theta = if roles.master {
+            DType::F32
+        } else {
+            param_dtype
+        };
+        let norm_fn =
+            backend.function(&format!("grad_norm_{}_{}", theta.name(), grad_dtype.name()))?;
         let per_sm = norm_fn
             .occupancy_max_active_blocks_per_multiprocessor(BLOCK_THREADS, 0, None)?
             .clamp(1, 8);
@@ -413,13 +453,14 @@ impl<'a> ParamGroup<'a> {
         let apply_grid = sm * 4; // perturb and restore are built for 4 blocks per SM
 
         let table_dev = stream.clone_htod(&table)?;
-        // Room for every chunk, so toggling gradients never allocates.
-        let capacity = chunks.len().max(1);
-        let mut chunks_dev = stream.alloc_zeros::<MtChunk>(capacity)?;
-        if !chunks.is_empty() {
-            stream.memcpy_htod(&chunks, &mut chunks_dev)?;
+        // Every chunk is in the list, so toggling gradients only reorders it.
+        let mut chunks_dev = stream.alloc_zeros::<MtChunk>(chunks.chunks.len().max(1))?;
+        if !chunks.chunks.is_empty() {
+            stream.memcpy_htod(&chunks.chunks, &mut chunks_dev)?;
         }
-        let n_chunks_dev = stream.clone_htod(&[chunks.len() as u32])?;
+        // [chunks with a gradient, all chunks]
+        let n_chunks_dev =
+            stream.clone_htod(&[chunks.active as u32, chunks.chunks.len() as u32])?;
         let partials = stream.alloc_zeros::<f64>(norm_grid as usize)?;
         let counter = stream.alloc_zeros::<u32>(1)?;
         let state = stream.alloc_zeros::<NormState>(1)?;
@@ -451,11 +492,12 @@ impl<'a> ParamGroup<'a> {
     /// perturbation and its restore.
     pub fn set_has_grad(&mut self, has_grad: &[bool]) -> Result<()> {
         let chunks = chunk_map(&self.lens, has_grad)?;
-        if !chunks.is_empty() {
-            self.stream.memcpy_htod(&chunks, &mut self.chunks_dev)?;
+        if !chunks.chunks.is_empty() {
+            self.stream
+                .memcpy_htod(&chunks.chunks, &mut self.chunks_dev)?;
         }
-        self.stream
-            .memcpy_htod(&[chunks.len() as u32], &mut self.n_chunks_dev)?;
+        let counts = [chunks.active as u32, chunks.chunks.len() as u32];
+        self.stream.memcpy_htod(&counts, &mut self.n_chunks_dev)?;
         self.chunks = chunks;
         self.has_grad.copy_from_slice(has_grad);
         Ok(())
@@ -491,8 +533,8 @@ impl<'a> ParamGroup<'a> {
             .sum()
     }
 
-    /// The chunks the next launch covers.
-    pub fn chunks(&self) -> &[MtChunk] {
+    /// The chunk list (those of tensors with a gradient first).
+    pub fn chunk_map(&self) -> &ChunkMap {
         &self.chunks
     }
 
@@ -517,6 +559,12 @@ impl<'a> ParamGroup<'a> {
     /// The device [`NormState`] (one element).
     pub fn state(&self) -> &CudaSlice<NormState> {
         &self.state
+    }
+
+    /// The device [`NormState`], writable: e.g. for an all-reduce of `sum_sq`
+    /// in place, or to reset it.
+    pub fn state_mut(&mut self) -> &mut CudaSlice<NormState> {
+        &mut self.state
     }
 
     /// The device address of the [`NormState`]; its `sum_sq` (f64) is at
@@ -593,16 +641,21 @@ mod tests {
         }
     }
 
+    fn pairs(chunks: &[MtChunk]) -> Vec<(u32, u32)> {
+        chunks.iter().map(|c| (c.tensor, c.index)).collect()
+    }
+
     #[test]
     fn chunks_cover_each_tensor_in_order() {
         let lens = [1, MT_CHUNK, MT_CHUNK + 1, 0, 3 * MT_CHUNK - 1];
-        let chunks = chunk_map(&lens, &[true; 5]).unwrap();
-        let expect: Vec<(u32, u32)> = vec![(0, 0), (1, 0), (2, 0), (2, 1), (4, 0), (4, 1), (4, 2)];
-        let got: Vec<(u32, u32)> = chunks.iter().map(|c| (c.tensor, c.index)).collect();
-        assert_eq!(got, expect);
+        let map = chunk_map(&lens, &[true; 5]).unwrap();
+        let expect = vec![(0, 0), (1, 0), (2, 0), (2, 1), (4, 0), (4, 1), (4, 2)];
+        assert_eq!(pairs(&map.chunks), expect);
+        assert_eq!(map.active, 7);
         // Every element of every tensor is in exactly one chunk.
         for (t, &len) in lens.iter().enumerate() {
-            let covered: u64 = chunks
+            let covered: u64 = map
+                .chunks
                 .iter()
                 .filter(|c| c.tensor as usize == t)
                 .map(|c| {
@@ -615,23 +668,25 @@ mod tests {
     }
 
     #[test]
-    fn inactive_and_empty_tensors_have_no_chunks() {
+    fn inactive_tensors_come_last_and_empty_ones_nowhere() {
         let lens = [10, 0, 2 * MT_CHUNK, 5];
-        let chunks = chunk_map(&lens, &[false, true, true, false]).unwrap();
-        let got: Vec<(u32, u32)> = chunks.iter().map(|c| (c.tensor, c.index)).collect();
-        assert_eq!(got, vec![(2, 0), (2, 1)]);
-        assert!(chunk_map(&lens, &[false; 4]).unwrap().is_empty());
+        let map = chunk_map(&lens, &[false, true, true, false]).unwrap();
+        assert_eq!(map.active, 2);
+        assert_eq!(pairs(&map.chunks), vec![(2, 0), (2, 1), (0, 0), (3, 0)]);
+        let none = chunk_map(&lens, &[false; 4]).unwrap();
+        assert_eq!(none.active, 0);
+        assert_eq!(pairs(&none.chunks), vec![(0, 0), (2, 0), (2, 1), (3, 0)]);
         assert!(chunk_map(&lens, &[true; 3]).is_err());
     }
 
     #[test]
     fn chunks_index_tensors_beyond_2_pow_32_elements() {
         let len = (1u64 << 33) + 5;
-        let chunks = chunk_map(&[7, len], &[true, true]).unwrap();
-        let last = chunks.last().unwrap();
+        let map = chunk_map(&[7, len], &[true, true]).unwrap();
+        let last = map.chunks.last().unwrap();
         assert_eq!(last.tensor, 1);
         assert_eq!(last.index as u64, len.div_ceil(MT_CHUNK) - 1);
-        assert_eq!(chunks.len() as u64, 1 + len.div_ceil(MT_CHUNK));
+        assert_eq!(map.chunks.len() as u64, 1 + len.div_ceil(MT_CHUNK));
         // The last chunk's 64-bit offset is past 2^32 and it holds the tail.
         let begin = last.index as u64 * MT_CHUNK;
         assert!(begin > u32::MAX as u64);

@@ -16,9 +16,10 @@
 //! whatever the status), from f32 master weights into the working copy
 //! (written only when applied), or out of place into the group's `out`
 //! buffers (θ copied there when not applied). Tensors without a gradient
-//! this step are skipped entirely: θ + ε = θ for them, so the in-place path
-//! writes no backup for them and the out-of-place path leaves their `out`
-//! untouched (point the model at θ for those).
+//! this step have θ + ε = θ: the in-place and master paths skip them
+//! entirely (no backup is written for them, and restore skips them too; the
+//! CPU reference does write their backup), the out-of-place path copies θ to
+//! their `out`, as the CPU reference does.
 //!
 //! Accuracy: the stored result is within 1 ulp(θ + ε) + 2 ulp(ε) of θ + ε
 //! computed exactly (f64) from the norm and ρ in the state. SAM uses one f32
