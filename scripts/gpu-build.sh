@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Builds, here, everything the GPU machine runs (it has no Rust toolchain) into
 # the git-ignored folder gpu-bundle/:
-#   gpu-bundle/tests/<name>     release test binaries (lib unit tests + tests/*.rs)
-#   gpu-bundle/benches/<name>   release criterion bench binaries (benches/*.rs)
-#   gpu-bundle/gpu-run.sh, baselines_torch.py, MANIFEST
-# Debug info is stripped so the bundle stays well under the 64 MiB a device
-# call may carry. Then, on the GPU machine (from the repository root):
+#   gpu-bundle/bin.tar.gz       tests/<name>: release test binaries (lib unit
+#                               tests + tests/*.rs); benches/<name>: release
+#                               criterion bench binaries (benches/*.rs)
+#   gpu-bundle/gpu-run.sh, baselines_torch.py, MANIFEST, ptxas-sm_90.txt
+# Binaries are stripped and packed (the embedded PTX compresses ~4x) so the
+# bundle stays well under the 64 MiB a device call may carry. Then, on the GPU
+# machine (from the repository root):
 #   scripts/gpu-run.sh OUTDIR          (or gpu-bundle/gpu-run.sh OUTDIR)
 # with gpu-bundle carried along (it is git-ignored).
 set -euo pipefail
@@ -42,24 +44,25 @@ tests="$(cargo test --release --no-run --message-format=json | list_executables)
 echo "building release bench binaries" >&2
 benches="$(cargo bench --no-run --message-format=json | list_executables | awk '$1 == "bench"')"
 
-rm -rf "$bundle"
-mkdir -p "$bundle/tests" "$bundle/benches"
+stage="$root/target/gpu-stage"
+rm -rf "$bundle" "$stage"
+mkdir -p "$bundle" "$stage/tests" "$stage/benches"
 copy() { # dest-folder name path
     local dst="$1/$2"
     if [ -e "$dst" ]; then dst="$1/$2-$(basename "$3")"; fi
     cp "$3" "$dst"
-    strip --strip-debug "$dst" 2>/dev/null || true
+    strip --strip-all "$dst" 2>/dev/null || true
     echo "$dst"
 }
 while read -r kind name path; do
     [ -n "$path" ] || continue
     # The lib's unit tests are named after the lib; keep that name distinct.
     [ "$kind" = "lib" ] && name="lib-$name"
-    copy "$bundle/tests" "$name" "$path" >/dev/null
+    copy "$stage/tests" "$name" "$path" >/dev/null
 done <<<"$tests"
 while read -r kind name path; do
     [ -n "$path" ] || continue
-    copy "$bundle/benches" "$name" "$path" >/dev/null
+    copy "$stage/benches" "$name" "$path" >/dev/null
 done <<<"$benches"
 
 cp scripts/gpu-run.sh scripts/baselines_torch.py "$bundle/"
@@ -69,8 +72,9 @@ cp target/release/ptxas-sm_90.txt "$bundle/" 2>/dev/null || true
     echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src kernels benches tests 2>/dev/null || echo ' (+ uncommitted changes)')"
     echo "rustc: $(rustc --version)"
     echo "nvcc: ${NVCC:-from PATH/CUDA_HOME}"
-    (cd "$bundle" && find tests benches -type f | sort | xargs ls -l | awk '{print $5, $9}')
+    (cd "$stage" && find tests benches -type f | sort | xargs ls -l | awk '{print $5, $9}')
 } >"$bundle/MANIFEST"
+tar -C "$stage" -czf "$bundle/bin.tar.gz" tests benches
 cat "$bundle/MANIFEST"
 
 size=$(du -sb "$bundle" | cut -f1)

@@ -2,8 +2,9 @@
 # Runs on the GPU machine (no Rust there) what scripts/gpu-build.sh bundled:
 #   1. nvidia-smi -L and nvidia-smi                       -> OUTDIR/01-system.log
 #   2. every test binary with TRAM_REQUIRE_GPU=1           -> OUTDIR/02-tests.log
-#   3. the same once under compute-sanitizer memcheck      -> OUTDIR/03-memcheck.log
-#   4. every bench binary (--bench, short criterion times) -> OUTDIR/04-bench.log
+#   3. the GPU test binaries once under compute-sanitizer memcheck -> OUTDIR/03-memcheck.log
+#   4. every bench binary (--bench, short criterion times; their CUDA halves
+#      only, TRAM_BENCH=cuda; TRAM_REQUIRE_GPU=1)       -> OUTDIR/04-bench.log
 #   5. baselines_torch.py (PyTorch on the same sizes)      -> OUTDIR/05-torch.log
 # and OUTDIR/summary.txt with each step's exit code and seconds. Each stage has
 # a time cap so the whole run fits in about 8 minutes; a failing step is logged
@@ -21,7 +22,14 @@ out="${1:?usage: gpu-run.sh OUTDIR}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 here="$(cd "$(dirname "$0")" && pwd)"
-if [ -d "$here/tests" ]; then bundle="$here"; else bundle="$(cd "$here/.." && pwd)/gpu-bundle"; fi
+if [ -f "$here/MANIFEST" ]; then bundle="$here"; else bundle="$(cd "$here/.." && pwd)/gpu-bundle"; fi
+# The binaries travel packed; unpack them outside the bundle.
+bin="$bundle"
+if [ -f "$bundle/bin.tar.gz" ]; then
+    bin="$(mktemp -d "${TMPDIR:-/tmp}/tram-bin.XXXXXX")"
+    trap 'rm -rf "$bin"' EXIT
+    tar -C "$bin" -xzf "$bundle/bin.tar.gz"
+fi
 summary="$out/summary.txt"
 cap=$((15 * 1024 * 1024))
 export CRITERION_HOME="${TMPDIR:-/tmp}/tram-criterion"
@@ -53,6 +61,7 @@ run() {
     [ "$rc" = 124 ] || [ "$rc" = 137 ] && what="exit $rc (time cap ${limit}s reached)"
     echo "=== $what after $((SECONDS - t0))s" >>"$log"
     local cmd="$*"
+    cmd="${cmd//$bin\//}"
     note "$(printf '%-64s %s, %ss' "${cmd//$bundle\//}" "$what" "$((SECONDS - t0))")"
     return 0
 }
@@ -75,8 +84,8 @@ run "$sys" 30 nvidia-smi
 run "$sys" 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
 [ -f "$bundle/ptxas-sm_90.txt" ] && { echo "=== ptxas sm_90 resource usage"; cat "$bundle/ptxas-sm_90.txt"; } >>"$sys"
 
-tests=("$bundle"/tests/*)
-benches=("$bundle"/benches/*)
+tests=("$bin"/tests/*)
+benches=("$bin"/benches/*)
 
 log="$out/02-tests.log"
 t0=$SECONDS
@@ -90,7 +99,8 @@ t0=$SECONDS
 if ! command -v compute-sanitizer >/dev/null; then
     note "compute-sanitizer: not found, memcheck skipped"
 else
-    for t in "${tests[@]}"; do
+    # The binaries that launch kernels (tests/gpu_*); the CPU ones gain nothing.
+    for t in "$bin"/tests/gpu*; do
         [ -x "$t" ] || continue
         # --error-exitcode makes a found error a failing exit; a device the
         # tool refuses (as under gVisor) shows up in the log and exit code.
@@ -105,7 +115,7 @@ log="$out/04-bench.log"
 t0=$SECONDS
 for b in "${benches[@]}"; do
     [ -x "$b" ] || continue
-    run "$log" "$(left $t0 "$cap_bench")" "$b" --bench --warm-up-time 0.5 --measurement-time 2
+    TRAM_REQUIRE_GPU=1 run "$log" "$(left $t0 "$cap_bench")" "$b" --bench --warm-up-time 0.5 --measurement-time 2
 done
 
 log="$out/05-torch.log"

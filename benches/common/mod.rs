@@ -35,7 +35,8 @@ pub fn cpu_enabled() -> bool {
 }
 
 /// The CUDA backend on device 0, or `None` after printing why the CUDA half
-/// of `bench` is skipped (also with `TRAM_BENCH=cpu`).
+/// of `bench` is skipped (also with `TRAM_BENCH=cpu`); with
+/// `TRAM_REQUIRE_GPU=1` a missing GPU is a panic instead.
 pub fn gpu(bench: &str) -> Option<CudaBackend> {
     if std::env::var("TRAM_BENCH").is_ok_and(|v| v == "cpu") {
         println!("skipping the CUDA benches of {bench}: TRAM_BENCH=cpu");
@@ -44,6 +45,10 @@ pub fn gpu(bench: &str) -> Option<CudaBackend> {
     match CudaBackend::new(0) {
         Ok(b) => Some(b),
         Err(e) => {
+            // The GPU machine's run must not pass for having measured nothing.
+            if std::env::var("TRAM_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("TRAM_REQUIRE_GPU=1 but no GPU backend for {bench}: {e}");
+            }
             println!("skipping the CUDA benches of {bench}: {e}");
             None
         }
