@@ -130,6 +130,10 @@ def cpu_section(path):
         f"Machine: {head.get('machine', '?')} ({head.get('cpu', '?')}), date {head.get('date', '?')}, "
         f"commit {head.get('commit', '?')}; raw log `{rel(path)}`.",
         "",
+        f"Load average (1, 5, 15 min) before the run {head.get('load before', '?')}, after it "
+        f"{head.get('load after', '?')}: on a shared machine, other jobs compete for the cores, so each "
+        "comparison is run back to back (numpy copy, copy, perturb/restore; numpy norm, norm; numpy KL, KL).",
+        "",
         f"Copy bandwidth (the 100% line): `{copy_id}`, bytes read + written. "
         "Bytes per element are the floors of shared/notes/byte-budgets.md; numpy baselines "
         "count the same bytes, so a GB/s ratio is a time ratio.",
