@@ -3,6 +3,11 @@
 # perturb/restore, KL) and the numpy baselines, one after the other in one
 # run, into bench-logs/cpu/<date>-<machine>.log (raw output, read by
 # scripts/results.py). Usage: scripts/bench-cpu.sh [extra criterion args]
+#
+# The sequence runs TRAM_ROUNDS times (default 3); results.py keeps each
+# benchmark's best round, since on a shared machine the fastest round is the
+# one other jobs disturbed least, and both sides of a comparison get the same
+# treatment.
 set -uo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -53,13 +58,17 @@ criterion_args=("$@")
     # Each comparison back to back, since the load of a shared machine drifts:
     # numpy copy, our copy, perturb/restore (percent of that copy); numpy
     # norm, our norm; numpy KL, our KL.
-    numpy copy
-    bench copy
-    bench perturb
-    numpy norm
-    bench grad_norm
-    numpy kl
-    bench kl_div
+    for round in $(seq 1 "${TRAM_ROUNDS:-3}"); do
+        echo
+        echo "=== round $round"
+        numpy copy
+        bench copy
+        bench perturb
+        numpy norm
+        bench grad_norm
+        numpy kl
+        bench kl_div
+    done
     echo
     echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$log"

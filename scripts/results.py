@@ -44,7 +44,7 @@ RE_HEADER = re.compile(r"^# ([a-z ]+): (.*)$")
 def parse(path):
     """Criterion results {id: {"s": seconds, "Bps": bytes/s}}, baselines
     {(lib, name): {"s", "Bps", "bytes"}}, klerr rows and '# key: value' headers."""
-    crit, base, klerr, head = {}, {}, [], {}
+    crit, base, klerr, head, runs = {}, {}, [], {}, {}
     current = None
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -56,7 +56,13 @@ def parse(path):
             m = RE_BASE.match(line)
             if m:
                 lib, name, ms, gbps, nbytes = m.groups()
-                base[(lib, name)] = {"s": float(ms) * 1e-3, "Bps": float(gbps) * 1e9, "bytes": int(nbytes)}
+                r = {"s": float(ms) * 1e-3, "Bps": float(gbps) * 1e9, "bytes": int(nbytes), "rounds": 1}
+                old = base.get((lib, name))
+                if old:  # several rounds: keep the fastest
+                    r["rounds"] = old["rounds"] + 1
+                    if old["s"] < r["s"]:
+                        r = dict(old, rounds=r["rounds"])
+                base[(lib, name)] = r
                 continue
             m = RE_KLERR.match(line)
             if m:
@@ -67,10 +73,14 @@ def parse(path):
                 current = m.group(1)
             m = RE_TIME.search(line)
             if m and current:
-                crit.setdefault(current, {})["s"] = float(m.group(1)) * UNIT_S[m.group(2)]
+                runs.setdefault(current, []).append({"s": float(m.group(1)) * UNIT_S[m.group(2)]})
             m = RE_THRPT.search(line)
-            if m and current:
-                crit.setdefault(current, {})["Bps"] = float(m.group(1)) * UNIT_B[m.group(2)]
+            if m and current and current in runs:
+                runs[current][-1]["Bps"] = float(m.group(1)) * UNIT_B[m.group(2)]
+    # Several rounds of one benchmark: keep the fastest.
+    for bid, rs in runs.items():
+        best = min(rs, key=lambda r: r["s"])
+        crit[bid] = dict(best, rounds=len(rs))
     return crit, base, klerr, head
 
 
@@ -132,7 +142,9 @@ def cpu_section(path):
         "",
         f"Load average (1, 5, 15 min) before the run {head.get('load before', '?')}, after it "
         f"{head.get('load after', '?')}: on a shared machine, other jobs compete for the cores, so each "
-        "comparison is run back to back (numpy copy, copy, perturb/restore; numpy norm, norm; numpy KL, KL).",
+        "comparison is run back to back (numpy copy, copy, perturb/restore; numpy norm, norm; numpy KL, KL), "
+        f"the whole sequence {max([r.get('rounds', 1) for r in crit.values()] + [1])} times, and each "
+        "benchmark's fastest round is shown (the one other jobs disturbed least).",
         "",
         f"Copy bandwidth (the 100% line): `{copy_id}`, bytes read + written. "
         "Bytes per element are the floors of shared/notes/byte-budgets.md; numpy baselines "
