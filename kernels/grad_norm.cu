@@ -15,8 +15,10 @@
 // sum_sq is at most (V + 5) * 2^-24 <= 7.8e-7 plus n * 2^-53 <= 3e-8 for
 // n <= 2^28 (the f64 sums), i.e. the norm is within 4.1e-7 relative of the
 // exact norm of the stored inputs (documented and tested as 1e-6).
-// A term is formed in f32, so |g'| above ~1.8e19 overflows to inf and reads
-// as a non-finite gradient.
+// A term is formed in f32, so |g'| above ~1.8e19 overflows to inf: the norm is
+// then not finite (and the perturbation reports NONFINITE_GRAD) although
+// found_inf, which looks at the gradients alone as the CPU reference's does,
+// stays 0.
 #include "multi_tensor.cuh"
 
 #define NORM_THREADS 256
@@ -35,10 +37,13 @@ __device__ __forceinline__ float norm_term(float theta, float g, float s, float 
     }
 }
 
-// Adds this thread's share of one chunk's terms to acc.
+// Adds this thread's share of one chunk's terms to acc, and sets bad when a
+// gradient element is inf/NaN. Only a non-finite term can come from one, so the
+// elements are looked at only then (a non-finite θ or an f32 overflow also
+// makes a term non-finite, with finite gradients: not bad).
 template <typename T, typename G, int GEOM>
 __device__ __forceinline__ void norm_chunk(const T* th, const G* g, MtSpan span, float s,
-                                           float eta, double& acc) {
+                                           float eta, double& acc, bool& bad) {
     constexpr int V = MtWidth<T, G>::V;
     constexpr bool READS_THETA = GEOM == TRAM_GEOMETRY_ADAPTIVE;
     const int head = READS_THETA ? mt_vector_head<V>((uint64_t)g, sizeof(G), (uint64_t)th, sizeof(T))
@@ -47,7 +52,10 @@ __device__ __forceinline__ void norm_chunk(const T* th, const G* g, MtSpan span,
 
     auto scalar = [&](uint64_t i) {
         const float t = READS_THETA ? to_f32(th[i]) : 0.0f;
-        acc += (double)norm_term<GEOM>(t, to_f32(g[i]), s, eta);
+        const float gv = to_f32(g[i]);
+        const float term = norm_term<GEOM>(t, gv, s, eta);
+        if (!isfinite(term)) bad |= !isfinite(gv);
+        acc += (double)term;
     };
     for (uint64_t i = span.begin + threadIdx.x; i < split.vbegin; i += blockDim.x) scalar(i);
     for (uint64_t i = split.vend + threadIdx.x; i < span.end; i += blockDim.x) scalar(i);
@@ -57,6 +65,10 @@ __device__ __forceinline__ void norm_chunk(const T* th, const G* g, MtSpan span,
 #pragma unroll
         for (int j = 0; j < V; ++j)
             r += norm_term<GEOM>(READS_THETA ? to_f32(tv.v[j]) : 0.0f, to_f32(gv.v[j]), s, eta);
+        if (!isfinite(r)) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) bad |= !isfinite(to_f32(gv.v[j]));
+        }
         acc += (double)r;
     };
     const G* gb = g + split.vbegin;
@@ -84,8 +96,8 @@ __device__ __forceinline__ void norm_chunk(const T* th, const G* g, MtSpan span,
 }
 
 // theta_slot: where θ is read for the adaptive geometry (the params, or the
-// f32 master weights). partials: gridDim.x doubles; counter: zero on entry,
-// left zero on exit.
+// f32 master weights). partials: 2 * gridDim.x doubles (the block sums, then
+// the blocks' found-inf flags as 0/1); counter: zero on entry, left zero.
 template <typename T, typename G>
 __device__ void grad_norm(const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,
                           uint32_t theta_slot, uint32_t geometry, float eta, float inv_scale,
@@ -93,6 +105,7 @@ __device__ void grad_norm(const MtTensor* tensors, const MtChunk* chunks, const 
     __shared__ double scratch[32];
     __shared__ bool last;
     double acc = 0.0;
+    bool bad = false;
     const uint32_t n = *n_chunks;
     for (uint32_t c = blockIdx.x; c < n; c += gridDim.x) {
         const MtChunk ch = chunks[c];
@@ -101,17 +114,19 @@ __device__ void grad_norm(const MtTensor* tensors, const MtChunk* chunks, const 
         const G* g = reinterpret_cast<const G*>(t.ptr[MT_SLOT_GRAD]);
         if (geometry == TRAM_GEOMETRY_ADAPTIVE) {
             const T* th = reinterpret_cast<const T*>(t.ptr[theta_slot]);
-            norm_chunk<T, G, TRAM_GEOMETRY_ADAPTIVE>(th, g, span, inv_scale, eta, acc);
+            norm_chunk<T, G, TRAM_GEOMETRY_ADAPTIVE>(th, g, span, inv_scale, eta, acc, bad);
         } else if (geometry == TRAM_GEOMETRY_FISHER) {
-            norm_chunk<T, G, TRAM_GEOMETRY_FISHER>(nullptr, g, span, inv_scale, eta, acc);
+            norm_chunk<T, G, TRAM_GEOMETRY_FISHER>(nullptr, g, span, inv_scale, eta, acc, bad);
         } else {
-            norm_chunk<T, G, TRAM_GEOMETRY_SAM>(nullptr, g, span, inv_scale, eta, acc);
+            norm_chunk<T, G, TRAM_GEOMETRY_SAM>(nullptr, g, span, inv_scale, eta, acc, bad);
         }
     }
 
+    const bool block_bad = __syncthreads_or(bad);
     const double block = mt_block_sum(acc, scratch);
     if (threadIdx.x == 0) {
         partials[blockIdx.x] = block;
+        partials[gridDim.x + blockIdx.x] = block_bad ? 1.0 : 0.0;
         __threadfence();  // the partial is visible device-wide before the ticket is taken
         last = atomicAdd(counter, 1u) == gridDim.x - 1;
         if (last) __threadfence();  // ...and every other block's partial is seen after it
@@ -119,13 +134,17 @@ __device__ void grad_norm(const MtTensor* tensors, const MtChunk* chunks, const 
     __syncthreads();
     if (!last) return;
 
-    double total = 0.0;
-    for (uint32_t i = threadIdx.x; i < gridDim.x; i += blockDim.x) total += __ldcg(partials + i);
+    double total = 0.0, flags = 0.0;
+    for (uint32_t i = threadIdx.x; i < gridDim.x; i += blockDim.x) {
+        total += __ldcg(partials + i);
+        flags += __ldcg(partials + gridDim.x + i);
+    }
     total = mt_block_sum(total, scratch);
+    flags = mt_block_sum(flags, scratch);
     if (threadIdx.x == 0) {
         state->sum_sq = total;
         state->norm = sqrt(total);
-        state->found_inf = isfinite(total) ? 0u : 1u;
+        state->found_inf = flags > 0.0 ? 1u : 0u;
         *counter = 0u;  // ready for the next launch
     }
 }
@@ -148,12 +167,14 @@ GRAD_NORM(f32, f16, float, f16)
 GRAD_NORM(f32, bf16, float, bf16)
 
 // The norm from sum_sq alone: for a sharded group, after sum_sq has been
-// all-reduced across ranks. (The perturbation derives its norm from sum_sq
-// itself, so it needs no call to this.)
+// all-reduced across ranks. A non-finite sum means some rank saw a non-finite
+// term, most likely an inf/NaN gradient: found_inf is raised then (ranks don't
+// share their flags otherwise). The perturbation derives its norm from sum_sq
+// itself, so it needs no call to this.
 extern "C" __global__ void grad_norm_finish(NormState* state) {
     if (threadIdx.x == 0 && blockIdx.x == 0) {
         const double s = state->sum_sq;
         state->norm = sqrt(s);
-        state->found_inf = isfinite(s) ? 0u : 1u;
+        if (!isfinite(s)) state->found_inf = 1u;
     }
 }

@@ -17,7 +17,9 @@
 // scalar. (3) kl_div_grad_*, optional: re-reads a and b once with the per-row
 // stats and writes the gradients.
 #include "common.cuh"
-#include <math_constants.h>
+
+// The numerics are host-callable too, so they can be exercised off the GPU.
+#define KL_HD __host__ __device__ __forceinline__
 
 #define KL_THREADS 256
 #define KL_FINISH_THREADS 256
@@ -56,10 +58,10 @@ struct KlPartial {
 // What the gradient pass needs of a row, and the row's value. Mirrored in
 // src/cuda/kl_div.rs (`RowStats`), 64 bytes.
 struct KlRowStats {
-    double c_f, c_r;  // references of x' = (d - c_f)/tau and y' = (-d - c_r)/tau
+    double c_f, c_r;  // references of x = (d - c_f)/tau and y = (-d - c_r)/tau
     double kl;        // the row's divergence; 0 when masked
     float Ma, logSa, Mb, logSb;
-    float alpha_f, L_f, alpha_r, L_r;  // log(p/q) = x' + L_f; alpha = P-mean of x'
+    float alpha_f, L_f, alpha_r, L_r;  // log(p/q) = x + L_f; alpha_f = P-mean of x
     unsigned flags;
     unsigned pad;
 };
@@ -75,7 +77,7 @@ template <> struct Wide<float> { typedef double type; };
 
 // phi(x) = expm1(-x) + x for |x| < 0.5, where the library form cancels.
 // Truncation after x^9: below 3e-9 relative.
-__device__ __forceinline__ float phi_series(float x) {
+KL_HD float phi_series(float x) {
     float p = -1.f / 362880.f;
     p = fmaf(p, x, 1.f / 40320.f);
     p = fmaf(p, x, -1.f / 5040.f);
@@ -87,7 +89,7 @@ __device__ __forceinline__ float phi_series(float x) {
     return x * x * p;
 }
 
-__device__ __forceinline__ double phi_d(double x) {
+KL_HD double phi_d(double x) {
     if (fabs(x) < 0.125) {
         // Truncation after x^10: below 1e-16 relative.
         double p = 1.0 / 3628800.0;
@@ -106,7 +108,7 @@ __device__ __forceinline__ double phi_d(double x) {
 
 // w * phi(x) with w = e^la. Away from 0 as one exponent, e^(la - x) - w + w x,
 // so a negligible weight times a huge e^-x is never 0 * inf.
-__device__ __forceinline__ float wphi(float w, float la, float x) {
+KL_HD float wphi(float w, float la, float x) {
     if (fabsf(x) < 0.5f) return w * phi_series(x);
     return expf(la - x) - w + w * x;
 }
@@ -118,7 +120,7 @@ template <typename D> struct TSide {
     D c;
 };
 
-template <typename D> __device__ __forceinline__ void tside_init(TSide<D>& s) {
+template <typename D> KL_HD void tside_init(TSide<D>& s) {
     s.M = -INFINITY;
     s.S = 0.f;
     s.A = 0.f;
@@ -130,7 +132,7 @@ template <typename D> __device__ __forceinline__ void tside_init(TSide<D>& s) {
 
 // Raise the running max to newM and move the reference to newc.
 template <typename D>
-__device__ __forceinline__ void tside_rebase(TSide<D>& s, float newM, D newc, float inv_tau) {
+KL_HD void tside_rebase(TSide<D>& s, float newM, D newc, float inv_tau) {
     if (s.S == 0.f) {  // nothing accumulated yet (then A = B = 0 too)
         s.M = newM;
         s.c = newc;
@@ -160,7 +162,7 @@ template <typename T> struct ThreadAcc {
 
 // Accumulate N elements (raw logits, already converted to f32).
 template <typename T, bool SYM, int N>
-__device__ __forceinline__ void accumulate(ThreadAcc<T>& t, const float (&ra)[N], const float (&rb)[N],
+KL_HD void accumulate(ThreadAcc<T>& t, const float (&ra)[N], const float (&rb)[N],
                                            float inv_tau) {
     typedef typename Wide<T>::type D;
     float sa[N], sb[N];
@@ -240,7 +242,7 @@ __device__ __forceinline__ void accumulate(ThreadAcc<T>& t, const float (&ra)[N]
 
 // x <- x merged with y (x first in the fixed order). The partial with the larger
 // max keeps its reference (ties: x); the other is rescaled and re-referenced.
-__device__ __forceinline__ void side_merge(KlSide& x, const KlSide& y, double inv_tau) {
+KL_HD void side_merge(KlSide& x, const KlSide& y, double inv_tau) {
     if (y.O > 0.0) {
         if (!(x.O > 0.0)) {
             x.O = y.O;
@@ -292,38 +294,40 @@ __device__ __forceinline__ KlSide shfl_side(const KlSide& s, int off) {
 }
 
 // One direction's divergence from the target side p (weights) and the other
-// side's max and sum q. Also the reference and offsets the gradient needs.
-__device__ __forceinline__ double finalize_dir(const KlSide& p, const KlSide& q, bool nan, bool inf, double inv_tau,
-                               double& cref, float& alpha, float& L) {
-    cref = 0.0;
+// side's max and sum q. Also what the gradient needs: with x = (d - cref)/tau
+// relative to the reference (an exact d at the argmax, so x = 0 there exactly),
+// alpha = P-mean of x and L = KL - alpha, log(p/q) = x - alpha + KL = x + L.
+KL_HD double finalize_dir(const KlSide& p, const KlSide& q, bool nan, bool inf, double inv_tau,
+                          double& cref, float& alpha, float& L) {
+    cref = p.c;
     alpha = 0.f;
     L = 0.f;
-    if (nan || !(p.S > 0.0)) return CUDART_NAN;
-    if (inf) return CUDART_INF;
+    if (nan || !(p.S > 0.0)) return (double)NAN;
+    if (inf) return (double)INFINITY;
     double B0 = p.B;
     if (p.O > 0.0) B0 += p.O * exp((double)p.Mo - (double)p.M + p.c * inv_tau);
     // Move the reference onto the P-mean of x so that alpha ~ 0.
     double a0 = p.A / p.S;
+    alpha = (float)a0;
     double A = p.A - a0 * p.S;
     double B = exp(a0) * B0 - expm1(a0) * p.A + p.S * phi_d(-a0);
     double al = A / p.S, be = B / p.S;
     double lc = log1p(be - al);
     double kl = al + lc;
-    cref = p.c + a0 / inv_tau;
     if (isfinite(B) && kl <= 1.0) {
-        alpha = (float)al;
-        L = (float)lc;
+        L = (float)((al - a0) + lc);
         return kl < 0.0 ? 0.0 : kl;  // a rounding-level negative is 0
     }
     // Wildly different rows: the classical sum p d - lse_p + lse_q, whose
     // error (eps |lse|) is negligible against a divergence this large.
     double lse_p = (double)p.M + log(p.S), lse_q = (double)q.M + log(q.S);
-    kl = a0 + p.c * inv_tau - lse_p + lse_q;
-    L = (float)kl;
+    double l = p.c * inv_tau - lse_p + lse_q;
+    L = (float)l;
+    kl = a0 + l;
     return kl < 0.0 ? 0.0 : kl;
 }
 
-__device__ __forceinline__ void finalize_row(const KlSide& a, const KlSide& b, unsigned flags, bool sym, double inv_tau,
+KL_HD void finalize_row(const KlSide& a, const KlSide& b, unsigned flags, bool sym, double inv_tau,
                              KlRowStats& st) {
     bool nan = (flags & KL_NAN) != 0;
     double kl = finalize_dir(a, b, nan, (flags & KL_INF_F) != 0, inv_tau, st.c_f, st.alpha_f, st.L_f);
@@ -343,7 +347,7 @@ __device__ __forceinline__ void finalize_row(const KlSide& a, const KlSide& b, u
     st.pad = 0u;
 }
 
-__device__ __forceinline__ KlRowStats masked_stats() {
+KL_HD KlRowStats masked_stats() {
     KlRowStats st;
     st.c_f = st.c_r = 0.0;
     st.kl = 0.0;
@@ -359,12 +363,19 @@ template <typename T> struct Vec {
     static constexpr int N = 16 / sizeof(T);
 };
 
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* p, float (&out)[Vec<T>::N]) {
-    uint4 u = *reinterpret_cast<const uint4*>(p);
+template <typename T> __device__ __forceinline__ uint4 load_raw(const T* p) {
+    return *reinterpret_cast<const uint4*>(p);
+}
+
+template <typename T> __device__ __forceinline__ void unpack(const uint4& u, float (&out)[Vec<T>::N]) {
     const T* e = reinterpret_cast<const T*>(&u);
 #pragma unroll
     for (int i = 0; i < Vec<T>::N; i++) out[i] = to_f32(e[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[Vec<T>::N]) {
+    unpack<T>(load_raw(p), out);
 }
 
 template <typename T>
@@ -432,10 +443,20 @@ __device__ void kl_partials(const T* __restrict__ a, long long a_stride, const T
     }
     const T* va = pa + head;
     const T* vb = pb + head;
+    // The next vector's loads are in flight while this one is accumulated.
+    uint4 ua = {0u, 0u, 0u, 0u}, ub = ua;
+    if (tid < nvec) {
+        ua = load_raw(va + (long long)tid * N);
+        ub = load_raw(vb + (long long)tid * N);
+    }
     for (long long v = tid; v < nvec; v += KL_THREADS) {
         float ra[N], rb[N];
-        load_vec<T>(va + v * N, ra);
-        load_vec<T>(vb + v * N, rb);
+        unpack<T>(ua, ra);
+        unpack<T>(ub, rb);
+        if (v + KL_THREADS < nvec) {
+            ua = load_raw(va + (v + KL_THREADS) * N);
+            ub = load_raw(vb + (v + KL_THREADS) * N);
+        }
         accumulate<T, SYM, N>(t, ra, rb, inv_tau);
     }
     for (long long i = head + nvec * N + tid; i < len; i += KL_THREADS) {
@@ -571,6 +592,8 @@ extern "C" __global__ void __launch_bounds__(KL_FINISH_THREADS, 1)
 
 // ---------------------------------------------------------------------------
 // Pass 2: gradients. ga = dL/da, gb = dL/db (either may be null), dtype T.
+// An output may be its own input (in place): each element is read, then
+// written, by one thread, so a and b carry no __restrict__ here.
 template <typename T> struct GradRow {
     typedef typename Wide<T>::type D;
     D c_f, c_r;
@@ -579,7 +602,7 @@ template <typename T> struct GradRow {
 };
 
 template <typename T, bool SYM>
-__device__ __forceinline__ void grad_elem(const GradRow<T>& g, float ra, float rb, float& ga, float& gb) {
+KL_HD void grad_elem(const GradRow<T>& g, float ra, float rb, float& ga, float& gb) {
     typedef typename Wide<T>::type D;
     float sa = ra * g.inv_tau, sb = rb * g.inv_tau;
     bool fa = sa > -INFINITY, fb = sb > -INFINITY;
@@ -612,7 +635,7 @@ __device__ __forceinline__ void grad_elem(const GradRow<T>& g, float ra, float r
 }
 
 template <typename T, bool SYM>
-__device__ void kl_grad(const T* __restrict__ a, long long a_stride, const T* __restrict__ b, long long b_stride,
+__device__ void kl_grad(const T* a, long long a_stride, const T* b, long long b_stride,
                         const unsigned char* __restrict__ mask, long long vocab, int bpr, long long chunk,
                         float inv_tau, const KlRowStats* __restrict__ stats, const double* __restrict__ scalars,
                         float upstream, const float* __restrict__ upstream_dev, T* ga, long long ga_stride, T* gb,
@@ -635,7 +658,7 @@ __device__ void kl_grad(const T* __restrict__ a, long long a_stride, const T* __
     const bool masked = (mask && mask[row] == 0) || (st.flags & KL_MASKED);
     const bool bad = !masked && !isfinite(st.kl);
     if (masked || bad) {
-        const T fill = from_f32<T>(masked ? 0.f : CUDART_NAN_F);
+        const T fill = from_f32<T>(masked ? 0.f : NAN);
         for (long long i = tid; i < len; i += KL_THREADS) {
             if (qa) qa[i] = fill;
             if (qb) qb[i] = fill;

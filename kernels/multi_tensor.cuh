@@ -167,6 +167,6 @@ struct NormState {
     double rho;          // radius the last perturbation used
     double coef;         // ρ/(norm + 1e-12) of the last perturbation (0 when not applied)
     uint32_t status;     // TRAM_STATUS_* bits of the last perturbation
-    uint32_t found_inf;  // 1 when sum_sq is not finite
+    uint32_t found_inf;  // 1 when a gradient element is inf/NaN (set by the norm)
     uint32_t pad[2];
 };

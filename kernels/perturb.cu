@@ -136,7 +136,6 @@ __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const ui
             state->rho = rho;
             state->coef = coef;
             state->status = status;
-            state->found_inf = isfinite(sum_sq) ? 0u : 1u;
         }
     }
     __syncthreads();

@@ -126,3 +126,248 @@ impl Default for KlOptions {
         }
     }
 }
+
+/// The base optimizer of TRAM's second step (restore, then update).
+///
+/// Follows `torch.optim.AdamW` and `torch.optim.SGD` (maximize = false,
+/// AMSGrad not supported). The learning rate is not here: it changes per step
+/// and lives beside the step count (on the device for the CUDA backend).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BaseOptimizer {
+    /// θ ← θ·(1 − lr·λ); m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
+    /// θ ← θ − lr/(1−β1ᵗ) · m / (sqrt(v)/sqrt(1−β2ᵗ) + eps).
+    AdamW {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
+    /// g ← g + λ·θ; buf ← g on the first step, else μ·buf + (1−dampening)·g;
+    /// g ← g + μ·buf (Nesterov) or buf; θ ← θ − lr·g. Momentum 0 keeps no buffer.
+    Sgd {
+        momentum: f32,
+        dampening: f32,
+        weight_decay: f32,
+        nesterov: bool,
+    },
+}
+
+impl BaseOptimizer {
+    /// AdamW with PyTorch's defaults (β = (0.9, 0.999), eps = 1e-8) and the given decay.
+    pub const fn adamw(weight_decay: f32) -> Self {
+        BaseOptimizer::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        }
+    }
+
+    /// Checks the ranges PyTorch checks, and β in [0, 1).
+    pub fn validate(&self) -> crate::Result<()> {
+        use crate::error::ensure;
+        match *self {
+            BaseOptimizer::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                ensure!(
+                    (0.0..1.0).contains(&beta1),
+                    "AdamW beta1 {beta1} is outside [0, 1)"
+                );
+                ensure!(
+                    (0.0..1.0).contains(&beta2),
+                    "AdamW beta2 {beta2} is outside [0, 1)"
+                );
+                ensure!(
+                    eps.is_finite() && eps >= 0.0,
+                    "AdamW eps {eps} must be finite and >= 0"
+                );
+                ensure!(
+                    weight_decay.is_finite() && weight_decay >= 0.0,
+                    "AdamW weight_decay {weight_decay} must be finite and >= 0"
+                );
+            }
+            BaseOptimizer::Sgd {
+                momentum,
+                dampening,
+                weight_decay,
+                nesterov,
+            } => {
+                ensure!(
+                    momentum.is_finite() && momentum >= 0.0,
+                    "SGD momentum {momentum} must be finite and >= 0"
+                );
+                ensure!(
+                    dampening.is_finite(),
+                    "SGD dampening {dampening} must be finite"
+                );
+                ensure!(
+                    weight_decay.is_finite() && weight_decay >= 0.0,
+                    "SGD weight_decay {weight_decay} must be finite and >= 0"
+                );
+                ensure!(
+                    !nesterov || (momentum > 0.0 && dampening == 0.0),
+                    "Nesterov momentum requires momentum > 0 and dampening = 0"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the optimizer keeps a first state buffer (AdamW's m, SGD's momentum).
+    pub fn uses_m(&self) -> bool {
+        match *self {
+            BaseOptimizer::AdamW { .. } => true,
+            BaseOptimizer::Sgd { momentum, .. } => momentum != 0.0,
+        }
+    }
+
+    /// Whether the optimizer keeps a second state buffer (AdamW's v).
+    pub fn uses_v(&self) -> bool {
+        matches!(self, BaseOptimizer::AdamW { .. })
+    }
+}
+
+/// Checks a learning rate: finite and >= 0, as PyTorch requires.
+pub fn validate_lr(lr: f32) -> crate::Result<()> {
+    crate::error::ensure!(
+        lr.is_finite() && lr >= 0.0,
+        "learning rate {lr} must be finite and >= 0"
+    );
+    Ok(())
+}
+
+/// The optimizer's step count and the bias-correction powers βᵗ, kept in f64
+/// and advanced by one multiplication per step on both backends, so the CPU and
+/// the GPU hold identical bits (the CUDA backend keeps it in device memory and
+/// advances it with a kernel, which a replayed CUDA graph repeats).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(C)]
+pub struct StepCounter {
+    /// Updates applied so far (t of the bias corrections once advanced).
+    pub t: u64,
+    /// β1ᵗ (1 for SGD).
+    pub beta1_pow: f64,
+    /// β2ᵗ (1 for SGD).
+    pub beta2_pow: f64,
+}
+
+impl StepCounter {
+    /// The counter after `t` steps of `opt`, by the same multiplications as
+    /// [`StepCounter::advance`] (bit-identical to advancing t times).
+    pub fn at(opt: &BaseOptimizer, t: u64) -> Self {
+        let mut c = StepCounter {
+            t: 0,
+            beta1_pow: 1.0,
+            beta2_pow: 1.0,
+        };
+        for _ in 0..t {
+            c.advance(opt);
+        }
+        c
+    }
+
+    /// One more step: t += 1 and βᵗ ← βᵗ·β.
+    pub fn advance(&mut self, opt: &BaseOptimizer) {
+        self.t += 1;
+        if let BaseOptimizer::AdamW { beta1, beta2, .. } = *opt {
+            self.beta1_pow *= beta1 as f64;
+            self.beta2_pow *= beta2 as f64;
+        }
+    }
+}
+
+/// The distribution of TRAM-x's embedding noise z.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NoiseDistribution {
+    /// z ~ U(−σ, σ) (open interval; 2²⁴ equally spaced values).
+    Uniform,
+    /// z ~ N(0, σ²) by Box–Muller (|z| ≤ 6.67σ: 32-bit uniforms).
+    Gaussian,
+}
+
+/// TRAM-x noise: distribution, scale σ and the generator's seed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NoiseConfig {
+    pub distribution: NoiseDistribution,
+    /// Must be finite and >= 0.
+    pub sigma: f32,
+    /// The Philox key; the step and the element index form the counter.
+    pub seed: u64,
+}
+
+impl NoiseConfig {
+    /// σ must be finite and >= 0.
+    pub fn validate(&self) -> crate::Result<()> {
+        let s = self.sigma;
+        crate::error::ensure!(
+            s.is_finite() && s >= 0.0,
+            "noise σ {s} must be finite and >= 0"
+        );
+        Ok(())
+    }
+}
+
+/// Where TRAM's target logits come from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TramVariant {
+    /// TRAM-θ: a target model whose weights θ̄ follow θ̄ ← λ·θ̄ + (1−λ)·θ after
+    /// every update (λ = 0: the previous step's weights; λ = 1: frozen, e.g.
+    /// the pre-trained weights). Needs target buffers.
+    Theta { lambda: f32 },
+    /// TRAM-x: the same model on noised embeddings e + z.
+    X { noise: NoiseConfig },
+}
+
+/// Everything a TRAM step is configured with; validated by [`TramConfig::validate`]
+/// when a step object is built, so bad values are an `Err` there, not a NaN later.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TramConfig {
+    /// ρ = δ·d: finite and >= 0.
+    pub delta: f32,
+    pub geometry: Geometry,
+    pub kl: KlOptions,
+    pub variant: TramVariant,
+    pub optimizer: BaseOptimizer,
+    /// The initial learning rate (changeable per step).
+    pub lr: f32,
+}
+
+impl TramConfig {
+    /// Checks every field; `has_target` says whether target buffers were given
+    /// (required by TRAM-θ).
+    pub fn validate(&self, has_target: bool) -> crate::Result<()> {
+        use crate::error::ensure;
+        let d = self.delta;
+        ensure!(d.is_finite() && d >= 0.0, "δ {d} must be finite and >= 0");
+        let eta = self.geometry.eta();
+        ensure!(
+            eta.is_finite() && eta >= 0.0,
+            "η {eta} must be finite and >= 0"
+        );
+        let t = self.kl.temperature;
+        ensure!(
+            t.is_finite() && t > 0.0,
+            "KL temperature {t} must be finite and > 0"
+        );
+        self.optimizer.validate()?;
+        validate_lr(self.lr)?;
+        match self.variant {
+            TramVariant::Theta { lambda } => {
+                ensure!(
+                    (0.0..=1.0).contains(&lambda),
+                    "EMA λ {lambda} is outside [0, 1]"
+                );
+                ensure!(
+                    has_target,
+                    "TRAM-θ needs target parameters, none were given"
+                );
+            }
+            TramVariant::X { noise } => noise.validate()?,
+        }
+        Ok(())
+    }
+}

@@ -13,7 +13,10 @@ pub mod cuda;
 pub mod dtype;
 pub mod error;
 
-pub use config::{Geometry, KlDirection, KlOptions, PerturbStatus, Radius, Reduction};
+pub use config::{
+    BaseOptimizer, Geometry, KlDirection, KlOptions, NoiseConfig, NoiseDistribution, PerturbStatus,
+    Radius, Reduction, StepCounter, TramConfig, TramVariant,
+};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};

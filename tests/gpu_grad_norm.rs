@@ -195,6 +195,31 @@ fn nonfinite_gradients_are_found() {
 }
 
 #[test]
+fn found_inf_looks_at_gradients_only() {
+    let gpu = gpu_or_skip!();
+    // A non-finite θ under the adaptive geometry: the norm is not finite, but
+    // no gradient is (as the CPU reference reports it).
+    let mut case = Case::<f32, f32>::random(95, &SIZES, 1e-2, true);
+    case.theta[10][5] = f32::INFINITY;
+    let dev = Dev::upload(&gpu, &case);
+    let mut group = dev.group(&gpu, Layout::Plain, &case.has_grad);
+    let geo = Geometry::Adaptive { eta: 0.01 };
+    let opts = NormOptions {
+        geometry: geo,
+        inv_scale: 1.0,
+    };
+    let st = run(&gpu, &mut group, opts);
+    let want = cpu_norm(&case.thetas(), &case.grads(), geo, 1.0).unwrap();
+    assert!(!want.norm.is_finite() && !want.found_inf);
+    assert!(!st.norm.is_finite());
+    assert_eq!(st.found_inf, 0);
+    // SAM ignores θ: finite again.
+    let st = run(&gpu, &mut group, NormOptions::default());
+    let want = cpu_norm(&case.thetas(), &case.grads(), Geometry::Sam, 1.0).unwrap();
+    assert_close(&st, &want, "SAM with an infinite θ");
+}
+
+#[test]
 fn finish_takes_the_norm_of_an_all_reduced_sum() {
     let gpu = gpu_or_skip!();
     let case = Case::<f32, f32>::random(100, &SIZES[..6], 1e-2, false);

@@ -674,7 +674,12 @@ fn in_place_gradient_matches_separate_buffers() {
     for dir in DIRS {
         let c = Case::<bf16>::random(91, 9, 3_001, 3_008, 0, 2.0, 0.0, 0.1);
         let o = opts(dir, Reduction::MeanElements, 1.2);
-        let sep = run(&gpu, &mut ws, &c, &o, Some(grad_spec(c.vocab)));
+        // Same layout as the inputs, so both runs take the same (vector) path.
+        let spec = GradSpec {
+            stride: c.stride,
+            ..grad_spec(c.vocab)
+        };
+        let sep = run(&gpu, &mut ws, &c, &o, Some(spec));
         let mut da = s.clone_htod(&c.a).unwrap();
         let mut db = s.clone_htod(&c.b).unwrap();
         {

@@ -2,7 +2,11 @@
 //! every GPU test, so accuracy comes before speed here.
 
 pub mod convert;
+pub mod ema;
 pub mod grad_norm;
 pub mod kl_div;
+pub mod noise;
+pub mod optimizer;
 pub mod perturb;
 pub mod restore;
+pub mod step;

@@ -2,7 +2,7 @@
 //! (`kernels/grad_norm.cu`), for the three geometries of [`Geometry`].
 //!
 //! The result stays on the device, in the group's [`NormState`]
-//! (`sum_sq`, `norm`, `found_inf`); [`ParamGroup::read_state`] fetches it
+//! (`sum_sq`, `norm`, `found_inf`: see there); [`ParamGroup::read_state`] fetches it
 //! when the host wants it, outside the step. Sharded (ZeRO/FSDP) callers
 //! all-reduce `sum_sq` (an f64 at [`ParamGroup::state_ptr`]) across ranks
 //! after [`grad_norm`]; the perturbation reads `sum_sq` itself, and
@@ -18,7 +18,9 @@
 //! elements per launch (each term and runs of at most 8 terms in f32, at most
 //! 13 roundings of 2^-24 on sum_sq; f64 sums beyond; see the kernel's header),
 //! documented and tested as 1e-6. A term is formed
-//! in f32, so |inv_scale·g| above ~1.8e19 reads as non-finite.
+//! in f32, so |inv_scale·g| above ~1.8e19 makes the norm non-finite (with
+//! `found_inf` 0: it flags inf/NaN gradient elements only, as the CPU
+//! reference's does).
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -97,14 +99,14 @@ pub fn grad_norm(backend: &CudaBackend, group: &ParamGroup<'_>, opts: NormOption
     // (three u64 table addresses, u32 slot and geometry, f32 η and scale, three
     // u64 workspace addresses). The table's addresses were validated when the
     // group was built and stay live for its lifetime ('a, or the `from_raw`
-    // contract); `partials` holds `norm_grid` doubles, the grid launched here.
+    // contract); `partials` holds 2·`norm_grid` doubles for the grid launched here.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
 
-/// Recomputes `norm` and `found_inf` of the group's [`NormState`] from its
-/// `sum_sq`: for a sharded group, after `sum_sq` was all-reduced. One
-/// single-thread launch.
+/// Recomputes `norm` of the group's [`NormState`] from its `sum_sq`, for a
+/// sharded group after `sum_sq` was all-reduced, and raises `found_inf` when
+/// that sum is not finite. One single-thread launch.
 pub fn finish(backend: &CudaBackend, group: &ParamGroup<'_>) -> Result<()> {
     group.check_backend(backend)?;
     let f = backend.function("grad_norm_finish")?;

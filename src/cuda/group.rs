@@ -6,15 +6,52 @@
 //! parameter, gradient, backup, master and output addresses, see [`Slot`],
 //! and its 64-bit length) and a device list of [`MtChunk`]s: the tensors that
 //! have a gradient this step, cut into chunks of [`MT_CHUNK`] elements, then
-//! those of the other tensors (see [`ChunkMap`]). Both
-//! are built on the host by plain functions ([`describe`], [`chunk_map`]) and
-//! uploaded when the group is built; [`ParamGroup::set_has_grad`] rebuilds
-//! only the chunk list. The group also owns the workspace of the norm (one
-//! f64 partial per block and a counter) and the device [`NormState`] that the
-//! norm, the perturbation and the host read.
+//! those of the other tensors (see [`ChunkMap`]). Both are built on the host
+//! by plain functions ([`describe`], [`chunk_map`]) and uploaded when the
+//! group is built; [`ParamGroup::set_has_grad`] rebuilds only the chunk list,
+//! into the same device buffer. The group also owns the workspace of the norm
+//! (an f64 partial and a found-inf flag per block, and a counter) and the
+//! device [`NormState`] that the norm, the perturbation and the host read.
 //!
 //! Everything a step launches goes on the stream the group was built on; no
 //! launch allocates or synchronises.
+//!
+//! One TRAM first step and its restore (two launches, then one):
+//!
+//! ```no_run
+//! use tram_kernels::cuda::grad_norm::{grad_norm, NormOptions};
+//! use tram_kernels::cuda::group::{ParamGroup, TensorViews};
+//! use tram_kernels::cuda::perturb::{perturb, PerturbMode, PerturbOptions};
+//! use tram_kernels::cuda::{restore::restore, CudaBackend};
+//! use tram_kernels::{Geometry, Radius};
+//! # fn main() -> tram_kernels::Result<()> {
+//! let gpu = CudaBackend::new(0)?;
+//! let s = gpu.stream();
+//! let (theta, grad) = (s.clone_htod(&[0.5f32; 1000])?, s.clone_htod(&[0.1f32; 1000])?);
+//! let backup = s.alloc_zeros::<f32>(1000)?;
+//! let d = s.clone_htod(&[0.3f32])?; // the divergence, e.g. from the KL kernel
+//! let tensors = [TensorViews {
+//!     param: theta.as_view(),
+//!     grad: grad.as_view(),
+//!     backup: Some(backup.as_view()),
+//!     master: None,
+//!     out: None,
+//! }];
+//! let group = ParamGroup::new(&gpu, &tensors)?; // once
+//! // Every step:
+//! let (geometry, inv_scale) = (Geometry::Sam, 1.0);
+//! grad_norm(&gpu, &group, NormOptions { geometry, inv_scale })?;
+//! let radius = Radius::TrustRegion { delta: 0.5 };
+//! let mode = PerturbMode::InPlace;
+//! perturb(&gpu, &group, PerturbOptions { geometry, radius, inv_scale, mode }, Some(&d.as_view()))?;
+//! // ... forward and backward at θ + ε ...
+//! restore(&gpu, &group)?;
+//! // Later, outside the step:
+//! let status = group.read_state()?.perturb_status();
+//! # let _ = status;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -23,6 +60,7 @@ use cudarc::driver::{
     CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, DeviceSlice, ValidAsZeroBits,
 };
 
+use super::perturb::PerturbMode;
 use super::CudaBackend;
 use crate::config::PerturbStatus;
 use crate::dtype::{DType, Element};
@@ -92,7 +130,13 @@ pub struct NormState {
     pub coef: f64,
     /// [`PerturbStatus`] bits of the last perturbation.
     pub status: u32,
-    /// 1 when `sum_sq` is not finite (PyTorch GradScaler's `found_inf`).
+    /// 1 when a gradient element (of a tensor with a gradient) is inf or NaN:
+    /// PyTorch GradScaler's `found_inf`, set by the norm. Like the CPU
+    /// reference's it looks at gradients only: a non-finite θ under the
+    /// adaptive geometry, or a term overflowing f32, makes `sum_sq` non-finite
+    /// (and the perturbation reports `NONFINITE_GRAD`) with `found_inf` 0.
+    /// [`finish`](super::grad_norm::finish) raises it for a non-finite
+    /// all-reduced `sum_sq`.
     pub found_inf: u32,
     pub _pad: [u32; 2],
 }
@@ -241,7 +285,7 @@ pub fn describe(
                 .checked_mul(size as u64)
                 .and_then(|n| b.ptr.checked_add(n));
             let Some(end) = bytes else {
-                return Err(crate::Error::invalid(format!(
+                return Err(crate::Error::InvalidArgument(format!(
                     "tensor {i}: {name} extends past the address space"
                 )));
             };
@@ -329,14 +373,20 @@ pub struct ParamGroup<'a> {
     has_grad: Vec<bool>,
     chunks: ChunkMap,
     stream: Arc<CudaStream>,
-    table_dev: CudaSlice<MtTensor>,
+    // Owned device buffers, used through `addrs`.
+    _table_dev: CudaSlice<MtTensor>,
     chunks_dev: CudaSlice<MtChunk>,
     n_chunks_dev: CudaSlice<u32>,
-    partials: CudaSlice<f64>,
-    counter: CudaSlice<u32>,
+    _partials: CudaSlice<f64>,
+    _counter: CudaSlice<u32>,
     state: CudaSlice<NormState>,
+    /// Addresses of the buffers above, taken once: launches pass them as
+    /// plain arguments (no event bookkeeping per launch, capturable in a
+    /// CUDA graph). Order: table, chunks, n_chunks, partials, counter, state.
+    addrs: [u64; 6],
     norm_grid: u32,
-    apply_grid: u32,
+    perturb_grid: [u32; 3],
+    restore_grid: u32,
     _views: PhantomData<&'a ()>,
 }
 
@@ -437,20 +487,28 @@ impl<'a> ParamGroup<'a> {
         let chunks = chunk_map(&lens, &has_grad)?;
         let stream = backend.stream().clone();
 
-        // Fill the GPU: as many blocks as fit on every SM at once.
+        // Fill the GPU: as many blocks as fit on every SM at once. (The
+        // occupancy queries need the context current on this thread.)
+        backend.context().bind_to_thread()?;
         let sm = backend.sm_count();
         let theta = if roles.master {
             DType::F32
         } else {
             param_dtype
         };
-        let norm_fn =
-            backend.function(&format!("grad_norm_{}_{}", theta.name(), grad_dtype.name()))?;
-        let per_sm = norm_fn
-            .occupancy_max_active_blocks_per_multiprocessor(BLOCK_THREADS, 0, None)?
-            .clamp(1, 8);
-        let norm_grid = sm * per_sm;
-        let apply_grid = sm * 4; // perturb and restore are built for 4 blocks per SM
+        let grid_of = |name: String| -> Result<u32> {
+            let per_sm = backend
+                .function(&name)?
+                .occupancy_max_active_blocks_per_multiprocessor(BLOCK_THREADS, 0, None)?;
+            Ok(sm * per_sm.clamp(1, 8))
+        };
+        let (p, g) = (param_dtype.name(), grad_dtype.name());
+        let norm_grid = grid_of(format!("grad_norm_{}_{g}", theta.name()))?;
+        let mut perturb_grid = [0; 3];
+        for (grid, mode) in perturb_grid.iter_mut().zip(PerturbMode::ALL) {
+            *grid = grid_of(format!("perturb_{}_{p}_{g}", mode.kernel_name()))?;
+        }
+        let restore_grid = grid_of(format!("restore_b{}", 8 * param_dtype.size()))?;
 
         let table_dev = stream.clone_htod(&table)?;
         // Every chunk is in the list, so toggling gradients only reorders it.
@@ -461,9 +519,18 @@ impl<'a> ParamGroup<'a> {
         // [chunks with a gradient, all chunks]
         let n_chunks_dev =
             stream.clone_htod(&[chunks.active as u32, chunks.chunks.len() as u32])?;
-        let partials = stream.alloc_zeros::<f64>(norm_grid as usize)?;
+        // One sum and one found-inf flag per block.
+        let partials = stream.alloc_zeros::<f64>(2 * norm_grid as usize)?;
         let counter = stream.alloc_zeros::<u32>(1)?;
         let state = stream.alloc_zeros::<NormState>(1)?;
+        let addrs = [
+            addr(&table_dev, &stream),
+            addr(&chunks_dev, &stream),
+            addr(&n_chunks_dev, &stream),
+            addr(&partials, &stream),
+            addr(&counter, &stream),
+            addr(&state, &stream),
+        ];
         Ok(Self {
             param_dtype,
             grad_dtype,
@@ -472,14 +539,16 @@ impl<'a> ParamGroup<'a> {
             has_grad,
             chunks,
             stream,
-            table_dev,
+            _table_dev: table_dev,
             chunks_dev,
             n_chunks_dev,
-            partials,
-            counter,
+            _partials: partials,
+            _counter: counter,
             state,
+            addrs,
             norm_grid,
-            apply_grid,
+            perturb_grid,
+            restore_grid,
             _views: PhantomData,
         })
     }
@@ -570,7 +639,7 @@ impl<'a> ParamGroup<'a> {
     /// The device address of the [`NormState`]; its `sum_sq` (f64) is at
     /// offset 0, for an all-reduce across ranks.
     pub fn state_ptr(&self) -> u64 {
-        self.ptr(&self.state)
+        self.addrs[5]
     }
 
     /// Copies the [`NormState`] to the host. This waits for the stream: call
@@ -581,14 +650,19 @@ impl<'a> ParamGroup<'a> {
     }
 
     /// Blocks of the norm launch (a multiple of the SM count); one f64
-    /// partial each.
+    /// partial (and one flag) each.
     pub fn norm_grid(&self) -> u32 {
         self.norm_grid
     }
 
-    /// Blocks of the perturbation and restore launches.
-    pub fn apply_grid(&self) -> u32 {
-        self.apply_grid
+    /// Blocks of a perturbation launch: as many as fit at once, on every SM.
+    pub fn perturb_grid(&self, mode: PerturbMode) -> u32 {
+        self.perturb_grid[mode as usize]
+    }
+
+    /// Blocks of a restore launch: as many as fit at once, on every SM.
+    pub fn restore_grid(&self) -> u32 {
+        self.restore_grid
     }
 
     pub(crate) fn check_backend(&self, backend: &CudaBackend) -> Result<()> {
@@ -599,30 +673,31 @@ impl<'a> ParamGroup<'a> {
         Ok(())
     }
 
-    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
-        let (p, _guard) = s.device_ptr(&self.stream);
-        p
-    }
-
     pub(crate) fn table_ptr(&self) -> u64 {
-        self.ptr(&self.table_dev)
+        self.addrs[0]
     }
 
     pub(crate) fn chunks_ptr(&self) -> u64 {
-        self.ptr(&self.chunks_dev)
+        self.addrs[1]
     }
 
     pub(crate) fn n_chunks_ptr(&self) -> u64 {
-        self.ptr(&self.n_chunks_dev)
+        self.addrs[2]
     }
 
     pub(crate) fn partials_ptr(&self) -> u64 {
-        self.ptr(&self.partials)
+        self.addrs[3]
     }
 
     pub(crate) fn counter_ptr(&self) -> u64 {
-        self.ptr(&self.counter)
+        self.addrs[4]
     }
+}
+
+fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    // The guard only records a read event; the address stays valid while `s` lives.
+    let (p, _guard) = s.device_ptr(stream);
+    p
 }
 
 #[cfg(test)]

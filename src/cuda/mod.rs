@@ -2,12 +2,16 @@
 //! caller's stream. Each operation has a launcher here beside its kernel file
 //! in `kernels/` and its CPU reference in `src/cpu/` (same file stem).
 
+pub mod ema;
 pub mod grad_norm;
 pub mod group;
 pub mod kl_div;
+pub mod noise;
+pub mod optimizer;
 pub mod perturb;
 pub mod ptx;
 pub mod restore;
+pub mod step;
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -39,6 +39,7 @@ use crate::error::{ensure, Result};
 
 /// Where θ + ε goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(usize)]
 pub enum PerturbMode {
     /// θ ← θ + ε, with θ saved to the backup first (16 B/param for f32).
     InPlace,
@@ -50,7 +51,13 @@ pub enum PerturbMode {
 }
 
 impl PerturbMode {
-    fn kernel_name(self) -> &'static str {
+    pub(crate) const ALL: [PerturbMode; 3] = [
+        PerturbMode::InPlace,
+        PerturbMode::Master,
+        PerturbMode::OutOfPlace,
+    ];
+
+    pub(crate) fn kernel_name(self) -> &'static str {
         match self {
             PerturbMode::InPlace => "in_place",
             PerturbMode::Master => "master",
@@ -156,7 +163,7 @@ pub unsafe fn perturb_raw(
         .arg(&divergence)
         .arg(&state);
     let cfg = LaunchConfig {
-        grid_dim: (group.apply_grid(), 1, 1),
+        grid_dim: (group.perturb_grid(opts.mode), 1, 1),
         block_dim: (BLOCK_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };

@@ -28,7 +28,7 @@ pub fn restore(backend: &CudaBackend, group: &ParamGroup<'_>) -> Result<()> {
     let mut b = backend.stream().launch_builder(f);
     b.arg(&table).arg(&chunks).arg(&n_chunks);
     let cfg = LaunchConfig {
-        grid_dim: (group.apply_grid(), 1, 1),
+        grid_dim: (group.restore_grid(), 1, 1),
         block_dim: (BLOCK_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };

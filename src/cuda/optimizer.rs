@@ -1,0 +1,418 @@
+//! Launcher of `kernels/optimizer.cu`: TRAM's second step (restore θ from the
+//! backup or master, then AdamW or SGD) over a whole group in one launch, plus a
+//! one-thread launch that advances the step count on the device.
+//!
+//! Same semantics and same bits as `cpu::optimizer` (both evaluate the same f64
+//! operations in the same order); see there for the error bound.
+//!
+//! Per-step values live in device memory: the learning rate and the other
+//! hyperparameters in an 8-float block the host rewrites with an async copy
+//! ([`FusedOptimizer::set_lr`]), the step count and the bias-correction powers in
+//! a [`StepCounter`] advanced by a kernel inside [`FusedOptimizer::step`]. A CUDA
+//! graph that captured `step` therefore replays with the current learning rate
+//! and the right bias correction. Nothing here allocates or synchronises in
+//! `step`.
+
+use std::marker::PhantomData;
+
+use cudarc::driver::{
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+
+use super::group::{chunk_map, MtChunk, MtTensor, BLOCK_THREADS};
+use super::CudaBackend;
+use crate::config::{validate_lr, BaseOptimizer, StepCounter};
+use crate::dtype::{DType, Element};
+use crate::error::{ensure, Error, Result};
+
+// SAFETY: `StepCounter` is `#[repr(C)]` plain data (u64, f64, f64), laid out
+// as `OptCounter` in kernels/optimizer.cu; any bit pattern is valid.
+unsafe impl DeviceRepr for StepCounter {}
+
+const THREADS: u32 = BLOCK_THREADS;
+
+/// One tensor of the update over raw device addresses (for framework backends).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawUpdateTensor {
+    /// The working parameters (holding the perturbed θ); written.
+    pub param: u64,
+    /// The gradient; 0 when the tensor has no gradient this step (restore only).
+    pub grad: u64,
+    /// The backup (restore mode, element type of `param`) or the f32 master
+    /// weights (master mode; read and written).
+    pub source: u64,
+    /// f32 first moment / momentum buffer; 0 when the optimizer keeps none.
+    pub m: u64,
+    /// f32 second moment; 0 when the optimizer keeps none.
+    pub v: u64,
+    /// Elements (all buffers).
+    pub len: u64,
+    /// Whether weight decay applies.
+    pub weight_decay: bool,
+}
+
+/// Where the update reads θ from, over cudarc views.
+#[derive(Debug)]
+pub enum DeviceWeights<'a, P> {
+    /// θ from `backup`, the result into `param`.
+    Restore {
+        backup: CudaView<'a, P>,
+        param: CudaViewMut<'a, P>,
+    },
+    /// θ from the f32 `master` (updated in place); `param` gets the rounded copy.
+    Master {
+        master: CudaViewMut<'a, f32>,
+        param: CudaViewMut<'a, P>,
+    },
+}
+
+/// One tensor of the update over cudarc views (see `cpu::optimizer::UpdateTensor`).
+#[derive(Debug)]
+pub struct DeviceUpdateTensor<'a, P, G> {
+    pub weights: DeviceWeights<'a, P>,
+    pub grad: Option<CudaView<'a, G>>,
+    pub m: Option<CudaViewMut<'a, f32>>,
+    pub v: Option<CudaViewMut<'a, f32>>,
+    pub weight_decay: bool,
+}
+
+/// The tensors of one update, described once on the device as a
+/// `multi_tensor.cuh` table ([`MtTensor`] rows with the slots param, grad,
+/// backup-or-master, m, v and a weight-decay flag) and a chunk list
+/// ([`MtChunk`]), and reused every step. `'a` is the borrow
+/// of the buffers it points into (`'static` for the raw constructor, whose
+/// caller vouches for them).
+#[derive(Debug)]
+pub struct UpdateGroup<'a> {
+    table: CudaSlice<MtTensor>,
+    chunks: CudaSlice<MtChunk>,
+    n_chunks: u32,
+    param: DType,
+    grad: DType,
+    master: bool,
+    all_m: bool,
+    all_v: bool,
+    _borrow: PhantomData<&'a mut ()>,
+}
+
+fn check_dtypes(param: DType, grad: DType) -> Result<()> {
+    ensure!(
+        grad == param || grad == DType::F32,
+        "gradients of {} with parameters of {}: supported are the parameter type or f32",
+        grad.name(),
+        param.name()
+    );
+    Ok(())
+}
+
+impl UpdateGroup<'static> {
+    /// A group over raw device addresses.
+    ///
+    /// # Safety
+    /// Whenever a step is launched with this group, every non-zero address must
+    /// point to `len` elements of device memory in the stream's context: `param`
+    /// and (restore mode) `source` of `param_dtype`, `grad` of `grad_dtype`,
+    /// `source` (master mode), `m` and `v` of f32; `param`, `m`, `v` and a master
+    /// `source` writable; no written buffer may overlap another buffer of the
+    /// group; and all prior work on them must be ordered before the launch on
+    /// the backend's stream.
+    pub unsafe fn from_raw(
+        backend: &CudaBackend,
+        tensors: &[RawUpdateTensor],
+        param_dtype: DType,
+        grad_dtype: DType,
+        master: bool,
+    ) -> Result<Self> {
+        build(backend, tensors, param_dtype, grad_dtype, master)
+    }
+}
+
+impl<'a> UpdateGroup<'a> {
+    /// A group over cudarc views; all tensors in the same mode (all restore
+    /// or all master), lengths checked.
+    pub fn new<P: Element + DeviceRepr, G: Element + DeviceRepr>(
+        backend: &CudaBackend,
+        tensors: Vec<DeviceUpdateTensor<'a, P, G>>,
+    ) -> Result<Self> {
+        ensure!(!tensors.is_empty(), "the update group is empty");
+        let stream = backend.stream();
+        let master = matches!(tensors[0].weights, DeviceWeights::Master { .. });
+        let mut raw = Vec::with_capacity(tensors.len());
+        for (i, mut t) in tensors.into_iter().enumerate() {
+            let (param, source, n, is_master) = match &mut t.weights {
+                DeviceWeights::Restore { backup, param } => {
+                    ensure!(
+                        backup.len() == param.len(),
+                        "tensor {i}: backup has {} elements, param {}",
+                        backup.len(),
+                        param.len()
+                    );
+                    let n = param.len();
+                    let s = backup.device_ptr(stream).0;
+                    (param.device_ptr_mut(stream).0, s, n, false)
+                }
+                DeviceWeights::Master { master, param } => {
+                    ensure!(
+                        master.len() == param.len(),
+                        "tensor {i}: master has {} elements, param {}",
+                        master.len(),
+                        param.len()
+                    );
+                    let n = param.len();
+                    let s = master.device_ptr_mut(stream).0;
+                    (param.device_ptr_mut(stream).0, s, n, true)
+                }
+            };
+            if is_master != master {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor {i}: restore and master tensors are mixed"
+                )));
+            }
+            let addr = |what: &str, len: usize, ptr: u64| -> Result<u64> {
+                ensure!(len == n, "tensor {i}: {what} has {len} elements, param {n}");
+                Ok(ptr)
+            };
+            let grad = match &t.grad {
+                Some(g) => addr("grad", g.len(), g.device_ptr(stream).0)?,
+                None => 0,
+            };
+            let m = match &mut t.m {
+                Some(m) => addr("m", m.len(), m.device_ptr_mut(stream).0)?,
+                None => 0,
+            };
+            let v = match &mut t.v {
+                Some(v) => addr("v", v.len(), v.device_ptr_mut(stream).0)?,
+                None => 0,
+            };
+            raw.push(RawUpdateTensor {
+                param,
+                grad,
+                source,
+                m,
+                v,
+                len: n as u64,
+                weight_decay: t.weight_decay,
+            });
+        }
+        build(backend, &raw, P::DTYPE, G::DTYPE, master)
+    }
+
+    /// Whether θ is read from f32 master weights (else from backups).
+    pub fn is_master(&self) -> bool {
+        self.master
+    }
+
+    /// Chunks of `MT_CHUNK` elements the launch walks.
+    pub fn n_chunks(&self) -> u32 {
+        self.n_chunks
+    }
+}
+
+fn build(
+    backend: &CudaBackend,
+    tensors: &[RawUpdateTensor],
+    param: DType,
+    grad: DType,
+    master: bool,
+) -> Result<UpdateGroup<'static>> {
+    ensure!(!tensors.is_empty(), "the update group is empty");
+    check_dtypes(param, grad)?;
+    ensure!(
+        tensors.len() <= u32::MAX as usize,
+        "too many tensors in one group"
+    );
+    let src_size = if master { 4 } else { param.size() as u64 };
+    let mut table = Vec::with_capacity(tensors.len());
+    for (i, t) in tensors.iter().enumerate() {
+        ensure!(
+            t.param != 0 && t.source != 0,
+            "tensor {i}: null param or source address"
+        );
+        let aligned = t.param % param.size() as u64 == 0
+            && t.grad % grad.size() as u64 == 0
+            && t.source % src_size == 0
+            && t.m % 4 == 0
+            && t.v % 4 == 0;
+        ensure!(
+            aligned,
+            "tensor {i}: an address is not aligned to its element size"
+        );
+        // Slot order mirrors OPT_SLOT_* in kernels/optimizer.cu.
+        table.push(MtTensor {
+            ptr: [t.param, t.grad, t.source, t.m, t.v, t.weight_decay as u64],
+            len: t.len,
+        });
+    }
+    let (chunks, n_chunks) = chunks_of(&table)?;
+    let stream = backend.stream();
+    Ok(UpdateGroup {
+        table: stream.clone_htod(&table)?,
+        chunks: stream.clone_htod(&chunks)?,
+        n_chunks,
+        param,
+        grad,
+        master,
+        all_m: tensors.iter().all(|t| t.m != 0 || t.len == 0),
+        all_v: tensors.iter().all(|t| t.v != 0 || t.len == 0),
+        _borrow: PhantomData,
+    })
+}
+
+/// Every chunk of every tensor (tensors without a gradient still need their
+/// restore), and the count; never an empty allocation (a dummy chunk, never
+/// read, when every tensor is empty).
+pub(crate) fn chunks_of(table: &[MtTensor]) -> Result<(Vec<MtChunk>, u32)> {
+    let lens: Vec<u64> = table.iter().map(|t| t.len).collect();
+    let mut chunks = chunk_map(&lens, &vec![true; lens.len()])?.chunks;
+    let n = chunks.len() as u32;
+    if chunks.is_empty() {
+        chunks.push(MtChunk::default());
+    }
+    Ok((chunks, n))
+}
+
+/// Indices into the 8-float hyperparameter block (mirrors `OptHyper`).
+fn hyper_block(opt: &BaseOptimizer, lr: f32) -> [f32; 8] {
+    match *opt {
+        BaseOptimizer::AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } => [lr, weight_decay, beta1, beta2, eps, 0.0, 0.0, 0.0],
+        BaseOptimizer::Sgd {
+            momentum,
+            dampening,
+            weight_decay,
+            ..
+        } => [lr, weight_decay, 0.0, 0.0, 0.0, momentum, dampening, 0.0],
+    }
+}
+
+/// The base optimizer on the device: hyperparameters and step count in device
+/// memory (the CUDA twin of `cpu::optimizer::FusedOptimizer`).
+#[derive(Debug)]
+pub struct FusedOptimizer {
+    opt: BaseOptimizer,
+    lr: f32,
+    hyper: CudaSlice<f32>,
+    counter: CudaSlice<StepCounter>,
+}
+
+impl FusedOptimizer {
+    /// Validates `opt` and `lr` and allocates the two small device blocks.
+    pub fn new(backend: &CudaBackend, opt: BaseOptimizer, lr: f32) -> Result<Self> {
+        opt.validate()?;
+        validate_lr(lr)?;
+        let stream = backend.stream();
+        Ok(Self {
+            opt,
+            lr,
+            hyper: stream.clone_htod(&hyper_block(&opt, lr))?,
+            counter: stream.clone_htod(&[StepCounter::at(&opt, 0)])?,
+        })
+    }
+
+    pub fn config(&self) -> &BaseOptimizer {
+        &self.opt
+    }
+
+    /// The learning rate last set from the host.
+    pub fn lr(&self) -> f32 {
+        self.lr
+    }
+
+    /// Sets the learning rate of the steps enqueued after this call (an async
+    /// copy on the stream; also seen by a graph replayed afterwards). Do not
+    /// call it while the stream is being captured.
+    pub fn set_lr(&mut self, backend: &CudaBackend, lr: f32) -> Result<()> {
+        validate_lr(lr)?;
+        backend
+            .stream()
+            .memcpy_htod(&hyper_block(&self.opt, lr), &mut self.hyper)?;
+        self.lr = lr;
+        Ok(())
+    }
+
+    /// Sets the step count (resuming from a checkpoint); an async copy. O(t).
+    pub fn set_step_count(&mut self, backend: &CudaBackend, t: u64) -> Result<()> {
+        let c = [StepCounter::at(&self.opt, t)];
+        backend.stream().memcpy_htod(&c, &mut self.counter)?;
+        Ok(())
+    }
+
+    /// Reads the device counter back (synchronises the stream: not for the hot path).
+    pub fn counter(&self, backend: &CudaBackend) -> Result<StepCounter> {
+        Ok(backend.stream().clone_dtoh(&self.counter)?[0])
+    }
+
+    /// The device step count (synchronises the stream).
+    pub fn step_count(&self, backend: &CudaBackend) -> Result<u64> {
+        Ok(self.counter(backend)?.t)
+    }
+
+    /// Advances the step count on the device, then restores and updates every
+    /// tensor of `group`: two launches, no allocation, no host sync.
+    pub fn step(&mut self, backend: &CudaBackend, group: &UpdateGroup<'_>) -> Result<()> {
+        let (name, nesterov) = match self.opt {
+            BaseOptimizer::AdamW { .. } => ("adamw", false),
+            BaseOptimizer::Sgd { nesterov, .. } => ("sgd", nesterov),
+        };
+        ensure!(
+            !self.opt.uses_m() || group.all_m,
+            "the optimizer keeps a first moment but a tensor has no m buffer"
+        );
+        ensure!(
+            !self.opt.uses_v() || group.all_v,
+            "the optimizer keeps a second moment but a tensor has no v buffer"
+        );
+        let kernel = format!(
+            "optimizer_{name}_{}_{}_{}",
+            if group.master { "master" } else { "restore" },
+            group.param.name(),
+            group.grad.name()
+        );
+        let update = backend.function(&kernel)?;
+        let advance = backend.function("optimizer_advance")?;
+        let stream = backend.stream();
+
+        let adamw = matches!(self.opt, BaseOptimizer::AdamW { .. }) as u32;
+        let one = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(advance);
+        b.arg(&mut self.counter).arg(&self.hyper).arg(&adamw);
+        // SAFETY: optimizer_advance(OptCounter*, const OptHyper*, uint32_t): the
+        // counter is one StepCounter (24 bytes, the kernel's layout), the hyper
+        // block 8 floats; both live as long as `self`.
+        unsafe { b.launch(one) }?;
+
+        if group.n_chunks == 0 {
+            return Ok(());
+        }
+        let blocks = group.n_chunks.min(backend.sm_count() * 8);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let nesterov = nesterov as u32;
+        let mut b = stream.launch_builder(update);
+        b.arg(&group.table)
+            .arg(&group.chunks)
+            .arg(&group.n_chunks)
+            .arg(&self.hyper)
+            .arg(&self.counter)
+            .arg(&nesterov);
+        // SAFETY: the table rows and chunk list were built by `build` with the
+        // kernel's layouts (MtTensor, MtChunk of multi_tensor.cuh) and every chunk
+        // index lies inside its tensor; the addresses in the rows are valid by
+        // the group's construction (borrowed views, or the `from_raw` contract);
+        // the kernel name matches the group's dtypes and mode.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+}
