@@ -24,7 +24,7 @@ if ! { [ -n "${NVCC:-}" ] && [ -x "$NVCC" ]; } && ! command -v nvcc >/dev/null; 
     exit 1
 fi
 
-list_executables() { # reads cargo's JSON messages, prints "kind name path" per executable
+list_executables() { # reads cargo's JSON messages, prints "kind name path" per test-harness or bench executable
     python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -35,6 +35,9 @@ for line in sys.stdin:
     if m.get("reason") != "compiler-artifact" or not m.get("executable"):
         continue
     t = m["target"]
+    # `cargo test` also builds examples as plain programs: only harness binaries.
+    if not m["profile"]["test"] and "bench" not in t["kind"]:
+        continue
     print(t["kind"][0], t["name"], m["executable"])
 '
 }

@@ -2,7 +2,7 @@
 # Runs on the GPU machine (no Rust there) what scripts/gpu-build.sh bundled:
 #   1. nvidia-smi -L and nvidia-smi                       -> OUTDIR/01-system.log
 #   2. every test binary with TRAM_REQUIRE_GPU=1           -> OUTDIR/02-tests.log
-#   3. the GPU test binaries once under compute-sanitizer memcheck -> OUTDIR/03-memcheck.log
+#   3. the test binaries (but tests/cpu_*) once under compute-sanitizer memcheck -> OUTDIR/03-memcheck.log
 #   4. every bench binary (--bench, short criterion times; their CUDA halves
 #      only, TRAM_BENCH=cuda; TRAM_REQUIRE_GPU=1)       -> OUTDIR/04-bench.log
 #   5. baselines_torch.py (PyTorch on the same sizes)      -> OUTDIR/05-torch.log
@@ -99,9 +99,10 @@ t0=$SECONDS
 if ! command -v compute-sanitizer >/dev/null; then
     note "compute-sanitizer: not found, memcheck skipped"
 else
-    # The binaries that launch kernels (tests/gpu_*); the CPU ones gain nothing.
-    for t in "$bin"/tests/gpu*; do
+    # Every test binary but the CPU reference's (tests/cpu_*), which launch nothing.
+    for t in "${tests[@]}"; do
         [ -x "$t" ] || continue
+        case "$(basename "$t")" in cpu_*) continue ;; esac
         # --error-exitcode makes a found error a failing exit; a device the
         # tool refuses (as under gVisor) shows up in the log and exit code.
         TRAM_REQUIRE_GPU=1 run "$log" "$(left $t0 "$cap_memcheck")" \
