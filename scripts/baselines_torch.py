@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""PyTorch baselines on the GPU, on the sizes of the crate's CUDA benches.
+
+Run by scripts/gpu-run.sh on the GPU machine, after the crate's benches. Timing:
+CUDA events recorded around each repetition, from before its first launch to
+after its last (launch gaps included), after warm-up; the median is printed.
+
+    copy      device-to-device copy of 1 GiB (the bandwidth ceiling)
+    tram      the public TRAM code's op sequence on an XLM-R base-like group
+              (199 f32 tensors, 278M parameters): per-tensor
+              torch.linalg.vector_norm stacked and normed, p.clone() of every
+              parameter, torch._foreach_mul(grads, scale),
+              torch._foreach_add_(params, e), restore by assigning the clone
+    kl        F.kl_div(F.log_softmax(y.float(), -1), F.log_softmax(x.float(), -1),
+              log_target=True) on bf16 logits (x target, y model), eager and
+              torch.compile, loss and loss + backward
+    klerr     PyTorch's f32 KL error against an f64 oracle at small logit gaps
+    adamw     one fused torch.optim.AdamW step on 350M bf16 parameters with f32
+              master weights (+ the copy of the master into the bf16 model)
+
+Output lines for scripts/results.py:
+
+    baseline torch <name>: median <ms> ms, <GB/s> GB/s (<bytes> bytes, <reps> reps)
+    klerr torch-f32 sigma=<s> gap=<g>: kl=<oracle> rel_err=<max over rows>
+
+GB/s divide the bytes the crate's own bench counts for the same work (its byte
+floor), so the two compare as times.
+"""
+
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+DEV = "cuda"
+BUDGET_S = float(os.environ.get("TRAM_TORCH_BUDGET_S", "110"))
+T0 = time.monotonic()
+
+
+def elapsed():
+    return time.monotonic() - T0
+
+
+def report(name, nbytes, times_ms, note=""):
+    med = statistics.median(times_ms)
+    gbps = nbytes / (med * 1e-3) / 1e9
+    extra = f"; {note}" if note else ""
+    print(
+        f"baseline torch {name}: median {med:.4f} ms, {gbps:.2f} GB/s "
+        f"({nbytes} bytes, {len(times_ms)} reps; min {min(times_ms):.4f} ms{extra})",
+        flush=True,
+    )
+    return med
+
+
+def cuda_times(fn, reps, warmup=3, setup=None):
+    """Milliseconds of each repetition, CUDA events around it."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        if setup:
+            setup()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end))
+    return out
+
+
+def xlmr_base():
+    """Element counts of XLM-R base's 199 tensors (as benches/common/mod.rs)."""
+    h, ff = 768, 3072
+    t = [250_002 * h, 514 * h, h, h, h]
+    for _ in range(12):
+        t += [h * h, h, h * h, h, h * h, h, h * h, h]
+        t += [h, h]
+        t += [ff * h, ff, h * ff, h]
+        t += [h, h]
+    t += [h * h, h]
+    return t
+
+
+def group_of(params):
+    """xlmr_base() cycled and cut at `params` parameters (as benches/common/mod.rs)."""
+    base, t, total, i = xlmr_base(), [], 0, 0
+    while total < params:
+        n = min(base[i % len(base)], params - total)
+        t.append(n)
+        total += n
+        i += 1
+    return t
+
+
+def free():
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def bench_copy():
+    n = 256 << 20
+    src = torch.randn(n, device=DEV)
+    dst = torch.empty_like(src)
+    report("copy/d2d/f32/256Mi", 8 * n, cuda_times(lambda: dst.copy_(src), reps=30))
+    assert torch.equal(dst, src)
+    del src, dst
+    free()
+
+
+def bench_tram_step():
+    sizes = xlmr_base()
+    nparam = sum(sizes)
+    g = torch.Generator(device=DEV).manual_seed(3)
+    params = [torch.randn(n, device=DEV, generator=g) * 0.02 for n in sizes]
+    grads = [torch.randn(n, device=DEV, generator=g) * 1e-3 for n in sizes]
+    delta = 0.5
+    d = torch.tensor(0.1, device=DEV)  # the KL value: a device scalar
+    tag = f"f32/xlmr{len(sizes)}x{nparam // 1_000_000}M"
+
+    def norm():
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))
+
+    state = {}
+
+    def perturb():
+        scale = delta * d / (norm() + 1e-12)
+        state["backup"] = [p.clone() for p in params]
+        e = torch._foreach_mul(grads, scale)
+        torch._foreach_add_(params, e)
+
+    def perturb_only():  # clone, mul, add with the norm already known
+        scale = delta * d / (state["norm"] + 1e-12)
+        state["backup"] = [p.clone() for p in params]
+        e = torch._foreach_mul(grads, scale)
+        torch._foreach_add_(params, e)
+
+    def restore():
+        for p, b in zip(params, state.pop("backup", [])):
+            p.data = b
+
+    def step():
+        perturb()
+        restore()
+
+    state["norm"] = norm()
+    report(f"tram/norm/{tag}", 4 * nparam, cuda_times(norm, reps=20))
+    report(f"tram/perturb/{tag}", 16 * nparam, cuda_times(perturb_only, reps=20, setup=restore))
+    # Restore by assignment moves no bytes on the device; time it for completeness.
+    report(f"tram/restore/{tag}", 8 * nparam, cuda_times(restore, reps=20, setup=perturb_only))
+    report(
+        f"tram/step/{tag}",
+        28 * nparam,
+        cuda_times(step, reps=20),
+        note="norm + clone + foreach_mul + foreach_add_ + restore; bytes = the crate's in-place floor 28 B/param",
+    )
+    del params, grads, state
+    free()
+
+
+def kl_fn(x, y):
+    return F.kl_div(F.log_softmax(y.float(), -1), F.log_softmax(x.float(), -1), log_target=True)
+
+
+KL_SHAPES = [(64, 1_048_576), (16_384, 32_000), (16, 250_002), (4096, 50_257)]
+
+
+def make_logits(rows, vocab):
+    g = torch.Generator(device=DEV).manual_seed(5)
+    x = (3.0 * torch.randn(rows, vocab, device=DEV, generator=g)).to(torch.bfloat16)
+    y = (x.float() + 0.1 * torch.randn(rows, vocab, device=DEV, generator=g)).to(torch.bfloat16)
+    return x, y
+
+
+def bench_kl(compiled):
+    fn = torch.compile(kl_fn, dynamic=False) if compiled else kl_fn
+    mode = "compile" if compiled else "eager"
+    for rows, vocab in KL_SHAPES:
+        if elapsed() > BUDGET_S * (0.9 if compiled else 0.6):
+            print(f"skip kl {mode} {rows}x{vocab}: time budget ({elapsed():.0f}s of {BUDGET_S:.0f}s)")
+            continue
+        x, y = make_logits(rows, vocab)
+        n = rows * vocab
+        tag = f"bf16/{rows}x{vocab}"
+        t = time.monotonic()
+        report(f"kl/{mode}/loss/{tag}", 4 * n, cuda_times(lambda: fn(x, y), reps=10, warmup=2))
+        if compiled:
+            print(f"  (compile + warm-up + timing took {time.monotonic() - t:.1f}s)")
+        else:
+            yg = y.detach().requires_grad_(True)
+
+            def loss_grad():
+                yg.grad = None
+                fn(x, yg).backward()
+
+            report(f"kl/{mode}/loss+grad/{tag}", 10 * n, cuda_times(loss_grad, reps=10, warmup=2))
+            del yg
+        del x, y
+        free()
+
+
+def phi(x):
+    """expm1(-x) + x in f64, with a series where it would cancel."""
+    small = x.abs() < 1e-3
+    series = x * x * (0.5 - x * (1 / 6 - x * (1 / 24 - x / 120)))
+    return torch.where(small, series, torch.expm1(-x) + x)
+
+
+def kl_oracle(a, b):
+    """KL(P||Q) per row in f64, centred on the P-mean of d = a - b (kl-numerics.md)."""
+    a, b = a.double(), b.double()
+    p = torch.softmax(a, -1)
+    d = a - b
+    alpha = (p * d).sum(-1, keepdim=True)
+    return torch.log1p((p * phi(d - alpha)).sum(-1))
+
+
+def kl_errors():
+    vocab, rows = 50_257, 4
+    g = torch.Generator(device=DEV).manual_seed(7)
+    for sigma in (3.0, 30.0):
+        for gap in (1.0, 1e-2, 1e-3, 1e-4, 1e-5):
+            a = (sigma * torch.randn(rows, vocab, device=DEV, generator=g, dtype=torch.float64)).float()
+            z = torch.randn(rows, vocab, device=DEV, generator=g, dtype=torch.float64)
+            b = (a.double() + gap * z).float()
+            ref = kl_oracle(a, b)
+            ours = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1)
+            rel = ((ours.double() - ref).abs() / ref.abs()).max().item()
+            print(f"klerr torch-f32 sigma={sigma:g} gap={gap:g}: kl={ref.mean().item():.3e} rel_err={rel:.3e}")
+
+
+def bench_adamw():
+    sizes = group_of(350_000_000)
+    nparam = sum(sizes)
+    g = torch.Generator(device=DEV).manual_seed(9)
+    master = [(torch.randn(n, device=DEV, generator=g) * 0.02).requires_grad_(True) for n in sizes]
+    for p in master:
+        p.grad = torch.randn(p.shape, device=DEV, generator=g) * 1e-3
+    model = [p.detach().to(torch.bfloat16) for p in master]
+    master_data = [p.detach() for p in master]
+    opt = torch.optim.AdamW(master, lr=1e-4, weight_decay=0.01, fused=True)
+    tag = f"f32master-bf16/{len(sizes)}x{nparam // 1_000_000}M"
+
+    def step():
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_copy_(model, master_data)
+
+    report(
+        f"adamw/fused/{tag}",
+        30 * nparam,
+        cuda_times(step, reps=10),
+        note="fused AdamW on f32 master + copy into bf16 model; bytes = 30 B/param (byte-budgets.md)",
+    )
+    report(f"adamw/fused-only/{tag}", 28 * nparam, cuda_times(opt.step, reps=10))
+    del master, model, opt
+    free()
+
+
+def main():
+    if not torch.cuda.is_available():
+        print("no CUDA device: PyTorch baselines skipped")
+        return 1
+    p = torch.cuda.get_device_properties(0)
+    print(
+        f"torch {torch.__version__}, cuda {torch.version.cuda}, device {p.name}, "
+        f"{p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB"
+    )
+    rc = 0
+    for name, fn in [
+        ("copy", bench_copy),
+        ("tram", bench_tram_step),
+        ("kl eager", lambda: bench_kl(False)),
+        ("klerr", kl_errors),
+        ("adamw", bench_adamw),
+        ("kl compile", lambda: bench_kl(True)),
+    ]:
+        t = time.monotonic()
+        try:
+            fn()
+        except Exception as e:  # one failing section must not lose the others
+            print(f"section {name} failed: {type(e).__name__}: {e}", flush=True)
+            rc = 1
+            free()
+        print(f"# section {name}: {time.monotonic() - t:.1f}s (total {elapsed():.1f}s)", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Builds, here, everything the GPU machine runs (it has no Rust toolchain) into
+# the git-ignored folder gpu-bundle/:
+#   gpu-bundle/bin.tar.gz       tests/<name>: release test binaries (lib unit
+#                               tests + tests/*.rs); benches/<name>: release
+#                               criterion bench binaries (benches/*.rs)
+#   gpu-bundle/gpu-run.sh, baselines_torch.py, MANIFEST, ptxas-sm_90.txt
+# Binaries are stripped and packed (the embedded PTX compresses ~4x) so the
+# bundle stays well under the 64 MiB a device call may carry. Then, on the GPU
+# machine (from the repository root):
+#   scripts/gpu-run.sh OUTDIR          (or gpu-bundle/gpu-run.sh OUTDIR)
+# with gpu-bundle carried along (it is git-ignored).
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+bundle="$root/gpu-bundle"
+
+# The kernels must be embedded: a bundle without PTX would only skip on the GPU.
+default_nvcc="$HOME/.cache/tram-kernels/nvcc-13.0/venv/lib/python3.11/site-packages/nvidia/cu13/bin/nvcc"
+if [ -z "${NVCC:-}" ] && [ -x "$default_nvcc" ]; then export NVCC="$default_nvcc"; fi
+if ! { [ -n "${NVCC:-}" ] && [ -x "$NVCC" ]; } && ! command -v nvcc >/dev/null; then
+    echo "no nvcc: run scripts/install-nvcc.sh and set NVCC to the path it prints" >&2
+    exit 1
+fi
+
+list_executables() { # reads cargo's JSON messages, prints "kind name path" per test-harness or bench executable
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    line = line.strip()
+    if not line.startswith("{"):
+        continue
+    m = json.loads(line)
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    t = m["target"]
+    # `cargo test` also builds examples as plain programs: only harness binaries.
+    if not m["profile"]["test"] and "bench" not in t["kind"]:
+        continue
+    print(t["kind"][0], t["name"], m["executable"])
+'
+}
+
+echo "building release test binaries" >&2
+tests="$(cargo test --release --no-run --message-format=json | list_executables)"
+echo "building release bench binaries" >&2
+benches="$(cargo bench --no-run --message-format=json | list_executables | awk '$1 == "bench"')"
+
+stage="$root/target/gpu-stage"
+rm -rf "$bundle" "$stage"
+mkdir -p "$bundle" "$stage/tests" "$stage/benches"
+copy() { # dest-folder name path
+    local dst="$1/$2"
+    if [ -e "$dst" ]; then dst="$1/$2-$(basename "$3")"; fi
+    cp "$3" "$dst"
+    strip --strip-all "$dst" 2>/dev/null || true
+    echo "$dst"
+}
+while read -r kind name path; do
+    [ -n "$path" ] || continue
+    # The lib's unit tests are named after the lib; keep that name distinct.
+    [ "$kind" = "lib" ] && name="lib-$name"
+    copy "$stage/tests" "$name" "$path" >/dev/null
+done <<<"$tests"
+while read -r kind name path; do
+    [ -n "$path" ] || continue
+    copy "$stage/benches" "$name" "$path" >/dev/null
+done <<<"$benches"
+
+cp scripts/gpu-run.sh scripts/baselines_torch.py "$bundle/"
+cp target/release/ptxas-sm_90.txt "$bundle/" 2>/dev/null || true
+{
+    echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m)"
+    echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src kernels benches tests 2>/dev/null || echo ' (+ uncommitted changes)')"
+    echo "rustc: $(rustc --version)"
+    echo "nvcc: ${NVCC:-from PATH/CUDA_HOME}"
+    (cd "$stage" && find tests benches -type f | sort | xargs ls -l | awk '{print $5, $9}')
+} >"$bundle/MANIFEST"
+tar -C "$stage" -czf "$bundle/bin.tar.gz" tests benches
+cat "$bundle/MANIFEST"
+
+size=$(du -sb "$bundle" | cut -f1)
+echo "gpu-bundle: $((size / 1024 / 1024)) MiB" >&2
+if [ "$size" -ge $((64 * 1024 * 1024)) ]; then
+    echo "gpu-bundle is over 64 MiB: it cannot travel to the GPU machine" >&2
+    exit 1
+fi
