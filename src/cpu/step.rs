@@ -3,7 +3,7 @@
 //! update, then the TRAM-θ target upkeep), configured once by a validated
 //! [`TramConfig`].
 
-use crate::config::{Radius, TramConfig, TramVariant};
+use crate::config::{validate_delta, Radius, TramConfig, TramVariant};
 use crate::cpu::ema::{ema_update, EmaTensor};
 use crate::cpu::kl_div::{kl_div, KlOutput, Logits};
 use crate::cpu::noise::add_noise;
@@ -66,6 +66,13 @@ impl TramStep {
     /// Sets the learning rate from the next update on.
     pub fn set_lr(&mut self, lr: f32) -> Result<()> {
         self.optimizer.set_lr(lr)
+    }
+
+    /// Sets δ (ρ = δ·d) from the next first step on; finite and >= 0.
+    pub fn set_delta(&mut self, delta: f32) -> Result<()> {
+        validate_delta(delta)?;
+        self.cfg.delta = delta;
+        Ok(())
     }
 
     /// Updates applied so far (also the TRAM-x noise counter's step).

@@ -3,10 +3,11 @@
 //! memory: 3 launches) and the second step (restore + base update, then the
 //! TRAM-θ EMA or the TRAM-x noise counter: 3 launches). No allocation and no
 //! host sync in either, so both can be captured in one CUDA graph; the
-//! learning rate, the step count and the noise step live in device memory and
-//! replays see their current values.
+//! learning rate, δ, the step count and the noise step live in device memory
+//! and replays see their current values ([`TramStep::set_lr`],
+//! [`TramStep::set_delta`]).
 //!
-//! δ, η, λ and σ are fixed configuration (kernel arguments, frozen into a
+//! η, λ and σ are fixed configuration (kernel arguments, frozen into a
 //! captured graph); to change them, build a new step object (and re-capture).
 
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DeviceRepr};
@@ -17,9 +18,9 @@ use super::group::ParamGroup;
 use super::kl_div::{kl_div, DeviceLogits, KlWorkspace};
 use super::noise::{add_noise, NoiseStep};
 use super::optimizer::{FusedOptimizer, UpdateGroup};
-use super::perturb::{perturb_raw, PerturbMode, PerturbOptions};
+use super::perturb::{perturb_raw_device, DeviceRadius, PerturbMode, PerturbOptions};
 use super::CudaBackend;
-use crate::config::{Radius, TramConfig, TramVariant};
+use crate::config::{validate_delta, Radius, TramConfig, TramVariant};
 use crate::dtype::Element;
 use crate::error::{ensure, Error, Result};
 
@@ -37,6 +38,8 @@ pub struct TramStep<'a> {
     optimizer: FusedOptimizer,
     kl: KlWorkspace,
     noise_step: NoiseStep,
+    /// δ in device memory.
+    delta: DeviceRadius,
     mode: PerturbMode,
 }
 
@@ -75,6 +78,7 @@ impl<'a> TramStep<'a> {
             optimizer: FusedOptimizer::new(backend, cfg.optimizer, cfg.lr)?,
             kl: KlWorkspace::new(backend, max_rows)?,
             noise_step: NoiseStep::new(backend, 0)?,
+            delta: DeviceRadius::new(backend, Radius::TrustRegion { delta: cfg.delta })?,
             mode,
         })
     }
@@ -101,6 +105,16 @@ impl<'a> TramStep<'a> {
         self.optimizer.set_lr(backend, lr)
     }
 
+    /// Sets δ (ρ = δ·d) of the perturbations enqueued (or replayed) after
+    /// this call: an async copy, not to be called while capturing. δ must be
+    /// finite and >= 0, as at construction.
+    pub fn set_delta(&mut self, backend: &CudaBackend, delta: f32) -> Result<()> {
+        validate_delta(delta)?;
+        self.delta.set_value(backend, delta)?;
+        self.cfg.delta = delta;
+        Ok(())
+    }
+
     /// TRAM-x: out = e + z, with the noise step on the device (it equals the
     /// number of second steps run so far, replays included).
     pub fn noise<T: Element + DeviceRepr>(
@@ -118,7 +132,7 @@ impl<'a> TramStep<'a> {
     }
 
     /// KL(target, model) → d (a device scalar), the norm, and θ + ε with
-    /// ρ = δ·d read from device memory. Three launches.
+    /// ρ = δ·d, d and δ both read from device memory. Three launches.
     pub fn first_step<T: Element>(
         &mut self,
         backend: &CudaBackend,
@@ -146,17 +160,16 @@ impl<'a> TramStep<'a> {
         )?;
         let opts = PerturbOptions {
             geometry,
-            radius: Radius::TrustRegion {
-                delta: self.cfg.delta,
-            },
+            radius: self.delta.radius(),
             inv_scale: 1.0,
             mode: self.mode,
         };
         let (d, _guard) = self.kl.value().device_ptr(backend.stream());
-        // SAFETY: `d` addresses the workspace's f32 value, owned by `self` for
-        // as long as any launch (or graph) built from this call may run, and
-        // written only on this stream (by the KL just enqueued).
-        unsafe { perturb_raw(backend, &self.params, opts, d) }
+        // SAFETY: `d` addresses the workspace's f32 value and the radius slot
+        // is δ's, both owned by `self` for as long as any launch (or graph)
+        // built from this call may run; `d` is written only on this stream
+        // (by the KL just enqueued), δ only by `set_delta`'s copy on it.
+        unsafe { perturb_raw_device(backend, &self.params, opts, self.delta.ptr(), d) }
     }
 
     /// Restore + base update (advancing the device step count), then the
