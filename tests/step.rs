@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use tram_kernels::cpu::ema::{ema_update, EmaTensor};
 use tram_kernels::cpu::kl_div::{kl_div, Logits};
 use tram_kernels::cpu::noise::add_noise;
-use tram_kernels::cpu::optimizer::{FusedOptimizer, UpdateTensor, Weights};
+use tram_kernels::cpu::optimizer::{EmaSource, FusedOptimizer, UpdateTensor, Weights};
 use tram_kernels::cpu::step::{FirstStepWeights, TramStep};
 use tram_kernels::{
     BaseOptimizer, Error, Geometry, KlOptions, NoiseConfig, NoiseDistribution, TramConfig,
@@ -319,6 +319,68 @@ fn cpu_set_delta_changes_rho_and_rejects_bad_values() {
 }
 
 #[test]
+fn cpu_fused_second_step_matches_update_then_target() {
+    let mut rng = SmallRng::seed_from_u64(43);
+    let sizes = [3usize, 50_000];
+    let theta: Vec<Vec<f32>> = sizes.iter().map(|&n| rand_vec(&mut rng, n, 1.0)).collect();
+    let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| rand_vec(&mut rng, n, 0.1)).collect();
+    let target0: Vec<Vec<f32>> = sizes.iter().map(|&n| rand_vec(&mut rng, n, 1.0)).collect();
+    let run = |fused: bool| {
+        let mut step = TramStep::new(theta_cfg(), true).unwrap();
+        let mut params: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![f32::NAN; n]).collect();
+        let mut targets = target0.clone();
+        let mut ms: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+        let mut vs = ms.clone();
+        let mut ups: Vec<UpdateTensor<f32, f32>> = params
+            .iter_mut()
+            .zip(&theta)
+            .zip(&grads)
+            .zip(ms.iter_mut().zip(vs.iter_mut()))
+            .map(|(((p, b), g), (m, v))| UpdateTensor {
+                weights: Weights::Restore {
+                    backup: b,
+                    param: p,
+                },
+                grad: Some(g),
+                m,
+                v,
+                weight_decay: true,
+            })
+            .collect();
+        if fused {
+            let mut ts: Vec<&mut [f32]> = targets.iter_mut().map(|t| &mut t[..]).collect();
+            step.second_step_with_target(&mut ups, &mut ts, EmaSource::Param)
+                .unwrap();
+            drop(ups);
+        } else {
+            step.second_step(&mut ups).unwrap();
+            drop(ups);
+            let mut ts: Vec<EmaTensor<f32, f32>> = targets
+                .iter_mut()
+                .zip(&params)
+                .map(|(t, th)| EmaTensor {
+                    target: t,
+                    theta: th,
+                })
+                .collect();
+            step.update_target(&mut ts).unwrap();
+        }
+        (params, targets, ms, vs)
+    };
+    let (a, b) = (run(false), run(true));
+    assert_ne!(a.1, target0, "the target moved");
+    let bits = |x: &Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+        x.iter()
+            .map(|v| v.iter().map(|f| f.to_bits()).collect())
+            .collect()
+    };
+    assert_eq!(bits(&a.0), bits(&b.0), "θ");
+    assert_eq!(bits(&a.1), bits(&b.1), "θ̄");
+    assert_eq!(bits(&a.2), bits(&b.2), "m");
+    assert_eq!(bits(&a.3), bits(&b.3), "v");
+}
+
+#[test]
 fn cpu_tram_x_noise_follows_the_step_count() {
     let cfg = TramConfig {
         variant: TramVariant::X { noise: noise() },
@@ -512,6 +574,7 @@ mod gpu {
         let graphed = buffers(&gpu);
         let mut s_direct = step_for(&gpu, &direct);
         let mut s_graph = step_for(&gpu, &graphed);
+        assert!(s_graph.target_fused());
         gpu.synchronize().unwrap();
         assert_eq!(snapshot(&gpu, &direct), snapshot(&gpu, &graphed));
 
@@ -645,6 +708,9 @@ mod gpu {
         let a = s.clone_dtoh(&bufs.a).unwrap();
         let b = s.clone_dtoh(&bufs.b).unwrap();
         let mut dev = step_for(&gpu, &bufs);
+        // The target follows the parameters: its EMA runs inside the update
+        // kernel, compared below with the CPU's separate EMA.
+        assert!(dev.target_fused());
         let mut cpu = TramStep::new(theta_cfg(), true).unwrap();
         for (i, lr) in [1e-2f32, 5e-2, 3e-3].into_iter().enumerate() {
             dev.set_lr(&gpu, lr).unwrap();

@@ -1,7 +1,8 @@
 //! A whole TRAM step on the CUDA backend, the twin of `cpu::step`: the first
 //! step (KL → d on the device, norm, perturbation reading d from device
-//! memory: 3 launches) and the second step (restore + base update, then the
-//! TRAM-θ EMA or the TRAM-x noise counter: 3 launches). No allocation and no
+//! memory: 3 launches) and the second step (restore + base update, with the
+//! TRAM-θ EMA fused in when the target group follows the update's weights,
+//! else after it, or the TRAM-x noise counter: 2 or 3 launches). No allocation and no
 //! host sync in either, so both can be captured in one CUDA graph; the
 //! learning rate, δ, the step count and the noise step live in device memory
 //! and replays see their current values ([`TramStep::set_lr`],
@@ -17,7 +18,7 @@ use super::grad_norm::{grad_norm, NormOptions};
 use super::group::ParamGroup;
 use super::kl_div::{kl_div, DeviceLogits, KlWorkspace};
 use super::noise::{add_noise, NoiseStep};
-use super::optimizer::{FusedOptimizer, UpdateGroup};
+use super::optimizer::{FusedOptimizer, FusedTarget, UpdateGroup};
 use super::perturb::{perturb_raw_device, DeviceRadius, PerturbMode, PerturbOptions};
 use super::CudaBackend;
 use crate::config::{validate_delta, Radius, TramConfig, TramVariant};
@@ -35,6 +36,8 @@ pub struct TramStep<'a> {
     params: ParamGroup<'a>,
     update: UpdateGroup<'a>,
     target: Option<EmaGroup<'a>>,
+    /// The target upkeep fused into the update, when `target` allows it.
+    fused: Option<FusedTarget<'a>>,
     optimizer: FusedOptimizer,
     kl: KlWorkspace,
     noise_step: NoiseStep,
@@ -70,11 +73,18 @@ impl<'a> TramStep<'a> {
             update.is_master() == roles.master,
             "the update group and the parameter group disagree on master weights"
         );
+        // Fused when the target group follows the update's own weights
+        // (FusedTarget::new's conditions), else a separate EMA launch.
+        let fused = match (&cfg.variant, &target) {
+            (TramVariant::Theta { .. }, Some(t)) => FusedTarget::new(backend, &update, t).ok(),
+            _ => None,
+        };
         Ok(Self {
             cfg,
             params,
             update,
             target,
+            fused,
             optimizer: FusedOptimizer::new(backend, cfg.optimizer, cfg.lr)?,
             kl: KlWorkspace::new(backend, max_rows)?,
             noise_step: NoiseStep::new(backend, 0)?,
@@ -93,6 +103,12 @@ impl<'a> TramStep<'a> {
 
     pub fn optimizer(&self) -> &FusedOptimizer {
         &self.optimizer
+    }
+
+    /// Whether the TRAM-θ target upkeep runs inside the update kernel (one
+    /// pass) rather than as a separate EMA launch after it.
+    pub fn target_fused(&self) -> bool {
+        self.fused.is_some()
     }
 
     pub fn kl_workspace(&self) -> &KlWorkspace {
@@ -173,8 +189,15 @@ impl<'a> TramStep<'a> {
     }
 
     /// Restore + base update (advancing the device step count), then the
-    /// TRAM-θ target upkeep or the TRAM-x noise step. Two or three launches.
+    /// TRAM-θ target upkeep or the TRAM-x noise step. Two launches (the step
+    /// count, then restore + update + target EMA in one pass) when the target
+    /// is fused ([`TramStep::target_fused`]), else three.
     pub fn second_step(&mut self, backend: &CudaBackend) -> Result<()> {
+        if let (TramVariant::Theta { lambda }, Some(f)) = (self.cfg.variant, &self.fused) {
+            return self
+                .optimizer
+                .step_with_target(backend, &self.update, f, lambda);
+        }
         self.optimizer.step(backend, &self.update)?;
         match self.cfg.variant {
             TramVariant::Theta { lambda } => {
