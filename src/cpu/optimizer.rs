@@ -422,9 +422,10 @@ fn update_tensor<P: Element, G: Element, T: Element>(
                         let (mi, vi) = (m.get_mut(i), v.get_mut(i));
                         let th = element(s, b[i].to_f64(), g[i].to_f64(), mi, vi);
                         p[i] = P::from_f32(th);
-                        if let Some(x) = x.get_mut(i) {
-                            ema_one(x, p[i].to_f32(), lambda);
-                        }
+                    }
+                    // The chunk is still in cache: one pass over memory.
+                    for (x, p) in x.iter_mut().zip(p.iter()) {
+                        ema_one(x, p.to_f32(), lambda);
                     }
                 });
         }
@@ -451,9 +452,9 @@ fn update_tensor<P: Element, G: Element, T: Element>(
                         let th = element(s, w[i] as f64, g[i].to_f64(), mi, vi);
                         w[i] = th;
                         p[i] = P::from_f32(th);
-                        if let Some(x) = x.get_mut(i) {
-                            ema_one(x, if from_master { th } else { p[i].to_f32() }, lambda);
-                        }
+                    }
+                    for ((x, p), w) in x.iter_mut().zip(p.iter()).zip(w.iter()) {
+                        ema_one(x, if from_master { *w } else { p.to_f32() }, lambda);
                     }
                 });
         }
