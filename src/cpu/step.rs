@@ -149,8 +149,8 @@ impl TramStep {
     }
 
     /// TRAM-θ: θ̄ ← λ·θ̄ + (1−λ)·θ from the updated weights (after
-    /// [`TramStep::second_step`]; a separate call on the CPU because the
-    /// update borrows θ mutably).
+    /// [`TramStep::second_step`]; [`TramStep::second_step_with_target`]
+    /// does both in one pass).
     pub fn update_target<T: Element, P: Element>(
         &mut self,
         tensors: &mut [EmaTensor<'_, T, P>],
