@@ -489,6 +489,12 @@ mod gpu {
     }
 
     fn step_for<'a>(gpu: &CudaBackend, bufs: &Buffers) -> GpuStep<'a> {
+        step_with_ema_order(gpu, bufs, false)
+    }
+
+    /// `reversed`: the target group lists the tensors in reverse order, which
+    /// the update kernel cannot follow: the EMA is then a separate launch.
+    fn step_with_ema_order<'a>(gpu: &CudaBackend, bufs: &Buffers, reversed: bool) -> GpuStep<'a> {
         let p = |x: &CudaSlice<f32>| ptr(gpu, x);
         let buf = |x: &CudaSlice<f32>| DeviceBuf {
             ptr: p(x),
@@ -514,13 +520,16 @@ mod gpu {
                 weight_decay: i != 0,
             })
             .collect();
-        let ema: Vec<RawEmaTensor> = (0..SIZES.len())
+        let mut ema: Vec<RawEmaTensor> = (0..SIZES.len())
             .map(|i| RawEmaTensor {
                 target: p(&bufs.targets[i]),
                 theta: p(&bufs.params[i]),
                 len: SIZES[i] as u64,
             })
             .collect();
+        if reversed {
+            ema.reverse();
+        }
         // SAFETY: every address is a live allocation of `bufs` (which the test
         // keeps until after the last launch) with the stated length and type,
         // all work is on the backend's one stream, and no written buffer
@@ -804,6 +813,28 @@ mod gpu {
                 dev.optimizer().counter(&gpu).unwrap(),
                 cpu.optimizer().counter()
             );
+        }
+    }
+
+    #[test]
+    fn fused_and_separate_target_upkeep_agree() {
+        let gpu = gpu_or_skip!();
+        let fused_bufs = buffers(&gpu);
+        let sep_bufs = buffers(&gpu);
+        let mut fused = step_for(&gpu, &fused_bufs);
+        let mut sep = step_with_ema_order(&gpu, &sep_bufs, true);
+        assert!(fused.target_fused());
+        assert!(!sep.target_fused());
+        let targets0 = snapshot(&gpu, &sep_bufs)[4 * SIZES.len()..].to_vec();
+        for (i, lr) in [1e-2f32, 4e-2, 1e-3].into_iter().enumerate() {
+            for (step, bufs) in [(&mut fused, &fused_bufs), (&mut sep, &sep_bufs)] {
+                step.set_lr(&gpu, lr).unwrap();
+                run_step(&gpu, step, bufs);
+            }
+            gpu.synchronize().unwrap();
+            let (f, s) = (snapshot(&gpu, &fused_bufs), snapshot(&gpu, &sep_bufs));
+            assert_eq!(f, s, "step {i}: every buffer bit for bit");
+            assert_ne!(s[4 * SIZES.len()..], targets0[..], "step {i}: θ̄ moved");
         }
     }
 
