@@ -45,9 +45,8 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use tram_kernels::cpu::ema::EmaTensor;
 use tram_kernels::cpu::kl_div::Logits;
-use tram_kernels::cpu::optimizer::{FusedOptimizer, UpdateTensor, Weights};
+use tram_kernels::cpu::optimizer::{EmaSource, FusedOptimizer, UpdateTensor, Weights};
 use tram_kernels::cpu::perturb::perturb_master;
 use tram_kernels::cpu::step::{FirstStepWeights, TramStep};
 use tram_kernels::cuda::ema::{EmaGroup, RawEmaTensor};
@@ -428,15 +427,10 @@ impl Engine for CpuEngine {
         match &mut self.opt {
             CpuOpt::Plain(opt) => opt.step(&mut tensors)?,
             CpuOpt::Tram(step) => {
-                step.second_step(&mut tensors)?;
-                drop(tensors);
-                let mut ema: Vec<EmaTensor<f32, f32>> = self
-                    .target
-                    .iter_mut()
-                    .zip(&self.master)
-                    .map(|(target, theta)| EmaTensor { target, theta })
-                    .collect();
-                step.update_target(&mut ema)?;
+                // Restore + AdamW + the EMA target from the masters, one pass.
+                let mut targets: Vec<&mut [f32]> =
+                    self.target.iter_mut().map(|t| &mut t[..]).collect();
+                step.second_step_with_target(&mut tensors, &mut targets, EmaSource::Master)?;
             }
         }
         self.crate_time += t0.elapsed();

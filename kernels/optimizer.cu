@@ -9,6 +9,12 @@
 // FMA), in the order of `Scalars::apply` in src/cpu/optimizer.rs: both backends
 // store the same bits. The kernel stays memory-bound on H100/H200-class FP64.
 //
+// TRAM-θ's target upkeep can ride along (the `_ema_<t>` kernels): with the new
+// θ in registers, θ̄ ← λ·θ̄ + (1−λ)·θ costs only θ̄'s read and write (8 more
+// bytes per f32 parameter instead of a 12-byte second pass), with the
+// operations of kernels/ema.cu so the bits match the separate launch. λ is a
+// launch argument (fixed configuration); λ = 1 launches the plain kernel.
+//
 // Per-step values live in device memory so a captured CUDA graph replays
 // correctly: the host rewrites `OptHyper` (learning rate...) with an async copy,
 // and `optimizer_advance` bumps the step count and β powers on the device.
@@ -47,12 +53,30 @@ extern "C" __global__ void optimizer_advance(OptCounter* c, const OptHyper* h, u
     }
 }
 
-template <typename P, typename G, int OPT, bool MASTER>
+// θ̄ ← λ·θ̄ + (1−λ)·x, as ema_update in kernels/ema.cu (x: the new θ as the
+// separate EMA would read it back).
+template <typename T>
+__device__ __forceinline__ void ema_one(T* target, uint64_t i, float x, double l, double oml,
+                                        bool copy) {
+    if (copy) {
+        target[i] = from_f32<T>(x);
+    } else {
+        const double y =
+            __dadd_rn(__dmul_rn(l, (double)to_f32(target[i])), __dmul_rn(oml, (double)x));
+        target[i] = from_f32<T>(__double2float_rn(y));
+    }
+}
+
+// EMA: update θ̄ (type T) of tensor k at targets[k] from the new θ: the f32
+// master when from_master (master mode), else the stored working copy.
+template <typename P, typename G, int OPT, bool MASTER, bool EMA, typename T>
 __device__ __forceinline__ void optimizer_update(const MtTensor* __restrict__ tensors,
                                                  const MtChunk* __restrict__ chunks,
                                                  uint32_t n_chunks, const OptHyper* __restrict__ hp,
                                                  const OptCounter* __restrict__ cp,
-                                                 uint32_t nesterov) {
+                                                 uint32_t nesterov,
+                                                 const uint64_t* __restrict__ targets,
+                                                 float lambda, uint32_t from_master) {
     const OptHyper h = *hp;
     const OptCounter c = *cp;
     const double lr = (double)h.lr;
@@ -66,6 +90,10 @@ __device__ __forceinline__ void optimizer_update(const MtTensor* __restrict__ te
     // SGD's.
     const double mu = (double)h.momentum, omd = __dsub_rn(1.0, (double)h.dampening);
     const bool first = c.t == 1;
+    // The EMA's constants (as ema.cu).
+    const double l = (double)lambda, oml = __dsub_rn(1.0, l);
+    const bool copy = lambda == 0.0f;
+    const bool ema_master = MASTER && from_master != 0;
 
     for (uint32_t k = blockIdx.x; k < n_chunks; k += gridDim.x) {
         const MtChunk ch = chunks[k];
@@ -78,11 +106,22 @@ __device__ __forceinline__ void optimizer_update(const MtTensor* __restrict__ te
         const bool decays = t.ptr[OPT_SLOT_DECAY] != 0;
         float* m = reinterpret_cast<float*>(t.ptr[OPT_SLOT_M]);
         float* v = reinterpret_cast<float*>(t.ptr[OPT_SLOT_V]);
+        T* target = EMA ? reinterpret_cast<T*>(targets[ch.tensor]) : nullptr;
         if (grad == nullptr) {
             // No gradient: only the restore (the working copy from the master).
             for (uint64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-                if (MASTER) param[i] = from_f32<P>(reinterpret_cast<const float*>(src)[i]);
-                else param[i] = reinterpret_cast<const P*>(src)[i];
+                P p;
+                float x;
+                if (MASTER) {
+                    const float w = reinterpret_cast<const float*>(src)[i];
+                    p = from_f32<P>(w);
+                    x = ema_master ? w : to_f32(p);
+                } else {
+                    p = reinterpret_cast<const P*>(src)[i];
+                    x = to_f32(p);
+                }
+                param[i] = p;
+                if (EMA) ema_one<T>(target, i, x, l, oml, copy);
             }
             continue;
         }
@@ -113,26 +152,49 @@ __device__ __forceinline__ void optimizer_update(const MtTensor* __restrict__ te
             }
             const float th = __double2float_rn(theta);
             if (MASTER) reinterpret_cast<float*>(src)[i] = th;
-            param[i] = from_f32<P>(th);
+            const P p = from_f32<P>(th);
+            param[i] = p;
+            if (EMA) ema_one<T>(target, i, ema_master ? th : to_f32(p), l, oml, copy);
         }
     }
 }
 
+// __launch_bounds__(256, 4): at most 64 registers, met without spills; with
+// the block size alone ptxas spilled in two SGD + EMA kernels.
 #define OPT_KERNEL(name, P, G, OPT, MASTER)                                                      \
-    extern "C" __global__ void __launch_bounds__(256)                                           \
+    extern "C" __global__ void __launch_bounds__(256, 4)                                        \
         name(const MtTensor* tensors, const MtChunk* chunks, uint32_t n_chunks,                 \
              const OptHyper* h, const OptCounter* c, uint32_t nesterov) {                       \
-        optimizer_update<P, G, OPT, MASTER>(tensors, chunks, n_chunks, h, c, nesterov);         \
+        optimizer_update<P, G, OPT, MASTER, false, float>(tensors, chunks, n_chunks, h, c,      \
+                                                          nesterov, nullptr, 0.0f, 0);          \
     }
 
+#define OPT_EMA_KERNEL(name, P, G, OPT, MASTER, T)                                               \
+    extern "C" __global__ void __launch_bounds__(256, 4)                                        \
+        name(const MtTensor* tensors, const MtChunk* chunks, uint32_t n_chunks,                 \
+             const OptHyper* h, const OptCounter* c, uint32_t nesterov,                         \
+             const uint64_t* targets, float lambda, uint32_t from_master) {                     \
+        optimizer_update<P, G, OPT, MASTER, true, T>(tensors, chunks, n_chunks, h, c, nesterov, \
+                                                     targets, lambda, from_master);             \
+    }
+
+#define OPT_EMA_KERNELS(p, g, t, P, G, T)                                                      \
+    OPT_EMA_KERNEL(optimizer_adamw_restore_##p##_##g##_ema_##t, P, G, OPT_ADAMW, false, T)     \
+    OPT_EMA_KERNEL(optimizer_adamw_master_##p##_##g##_ema_##t, P, G, OPT_ADAMW, true, T)       \
+    OPT_EMA_KERNEL(optimizer_sgd_restore_##p##_##g##_ema_##t, P, G, OPT_SGD, false, T)         \
+    OPT_EMA_KERNEL(optimizer_sgd_master_##p##_##g##_ema_##t, P, G, OPT_SGD, true, T)
+
+// Targets in f32 or in the parameter type.
 #define OPT_KERNELS(p, g, P, G)                                                            \
     OPT_KERNEL(optimizer_adamw_restore_##p##_##g, P, G, OPT_ADAMW, false)                  \
     OPT_KERNEL(optimizer_adamw_master_##p##_##g, P, G, OPT_ADAMW, true)                    \
     OPT_KERNEL(optimizer_sgd_restore_##p##_##g, P, G, OPT_SGD, false)                      \
-    OPT_KERNEL(optimizer_sgd_master_##p##_##g, P, G, OPT_SGD, true)
+    OPT_KERNEL(optimizer_sgd_master_##p##_##g, P, G, OPT_SGD, true)                        \
+    OPT_EMA_KERNELS(p, g, f32, P, G, float)
+#define OPT_KERNELS_LOW(p, g, P, G) OPT_KERNELS(p, g, P, G) OPT_EMA_KERNELS(p, g, p, P, G, P)
 
 OPT_KERNELS(f32, f32, float, float)
-OPT_KERNELS(bf16, bf16, bf16, bf16)
-OPT_KERNELS(bf16, f32, bf16, float)
-OPT_KERNELS(f16, f16, f16, f16)
-OPT_KERNELS(f16, f32, f16, float)
+OPT_KERNELS_LOW(bf16, bf16, bf16, bf16)
+OPT_KERNELS_LOW(bf16, f32, bf16, float)
+OPT_KERNELS_LOW(f16, f16, f16, f16)
+OPT_KERNELS_LOW(f16, f32, f16, float)

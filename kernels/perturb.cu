@@ -109,19 +109,22 @@ __device__ __forceinline__ void perturb_dispatch(uint32_t geometry, const TH* th
         perturb_chunk<TH, G, P, TRAM_GEOMETRY_SAM, SAVE>(th, g, out, save, span, k);
 }
 
-// radius_kind: RADIUS_FIXED (ρ = radius) or trust region (ρ = radius·*divergence).
+// radius_kind: RADIUS_FIXED (ρ = r) or trust region (ρ = r·*divergence), where r is
+// *radius_dev when given (device memory, so a replayed graph sees the value the
+// host last wrote there) and the by-value `radius` otherwise (frozen into a graph).
 template <typename P, typename G, int MODE>
 __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,
                         uint32_t geometry, float eta, float inv_scale, uint32_t radius_kind,
-                        float radius, const float* divergence, NormState* state) {
+                        float radius, const float* radius_dev, const float* divergence,
+                        NormState* state) {
     __shared__ double s_c;
     __shared__ uint32_t s_status;
     if (threadIdx.x == 0) {
         // sum_sq, not norm: a sharded caller all-reduces sum_sq alone.
         const double sum_sq = state->sum_sq;
         const double norm = sqrt(sum_sq);
-        const double rho =
-            radius_kind == RADIUS_FIXED ? (double)radius : (double)radius * (double)*divergence;
+        const double r = radius_dev != nullptr ? (double)*radius_dev : (double)radius;
+        const double rho = radius_kind == RADIUS_FIXED ? r : r * (double)*divergence;
         uint32_t status = 0;
         if (!isfinite(norm)) status |= TRAM_STATUS_NONFINITE_GRAD;
         if (!isfinite(rho)) status |= TRAM_STATUS_NONFINITE_RADIUS;
@@ -184,9 +187,9 @@ __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const ui
     extern "C" __global__ void __launch_bounds__(PERTURB_THREADS, 4) perturb_##MN##_##PN##_##GN(    \
         const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,               \
         uint32_t geometry, float eta, float inv_scale, uint32_t radius_kind, float radius,      \
-        const float* divergence, NormState* state) {                                            \
+        const float* radius_dev, const float* divergence, NormState* state) {                   \
         perturb<P, G, MODE>(tensors, chunks, n_chunks, geometry, eta, inv_scale, radius_kind,   \
-                            radius, divergence, state);                                         \
+                            radius, radius_dev, divergence, state);                             \
     }
 #define PERTURB_MODES(PN, GN, P, G)                                \
     PERTURB(in_place, PERTURB_IN_PLACE, PN, GN, P, G)              \

@@ -240,6 +240,15 @@ pub fn validate_lr(lr: f32) -> crate::Result<()> {
     Ok(())
 }
 
+/// Checks a trust-region scale δ: finite and >= 0.
+pub fn validate_delta(delta: f32) -> crate::Result<()> {
+    crate::error::ensure!(
+        delta.is_finite() && delta >= 0.0,
+        "δ {delta} must be finite and >= 0"
+    );
+    Ok(())
+}
+
 /// The optimizer's step count and the bias-correction powers βᵗ, kept in f64
 /// and advanced by one multiplication per step on both backends, so the CPU and
 /// the GPU hold identical bits (the CUDA backend keeps it in device memory and
@@ -341,8 +350,7 @@ impl TramConfig {
     /// (required by TRAM-θ).
     pub fn validate(&self, has_target: bool) -> crate::Result<()> {
         use crate::error::ensure;
-        let d = self.delta;
-        ensure!(d.is_finite() && d >= 0.0, "δ {d} must be finite and >= 0");
+        validate_delta(self.delta)?;
         let eta = self.geometry.eta();
         ensure!(
             eta.is_finite() && eta >= 0.0,

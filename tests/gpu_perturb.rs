@@ -16,7 +16,9 @@ use tram_kernels::cpu::grad_norm::grad_norm as cpu_norm;
 use tram_kernels::cpu::perturb::{direction, plan, radius_value};
 use tram_kernels::cuda::grad_norm::{grad_norm, NormOptions};
 use tram_kernels::cuda::group::{DeviceBuf, NormState, ParamGroup, RawTensor, TensorViews};
-use tram_kernels::cuda::perturb::{perturb, perturb_raw, PerturbMode, PerturbOptions};
+use tram_kernels::cuda::perturb::{
+    perturb, perturb_device, perturb_raw, DeviceRadius, PerturbMode, PerturbOptions,
+};
 use tram_kernels::cuda::restore::restore;
 use tram_kernels::cuda::CudaBackend;
 use tram_kernels::{bf16, f16, DType, Element, Error, Geometry, PerturbStatus, Radius};
@@ -549,5 +551,60 @@ fn a_tensor_beyond_2_pow_31_elements() {
     for w in windows {
         let got = s.clone_dtoh(&td.slice(off + w.start..off + w.end)).unwrap();
         assert_eq!(bits(&got), bits(&theta[off + w.start..off + w.end]));
+    }
+}
+
+#[test]
+fn device_radius_matches_the_by_value_radius() {
+    let gpu = gpu_or_skip!();
+    let case = Case::<f32, f32>::random(5400, &SIZES, 1e-2, true);
+    for (k, radius) in [Radius::TrustRegion { delta: 0.7 }, Radius::Fixed(0.05)]
+        .into_iter()
+        .enumerate()
+    {
+        let opts = PerturbOptions {
+            geometry: Geometry::Fisher { eta: 0.5 },
+            radius,
+            inv_scale: 1.0,
+            mode: PerturbMode::InPlace,
+        };
+        let by_value = run_mode(&gpu, &case, opts, 0.3);
+        let dev = Dev::upload(&gpu, &case);
+        let d = gpu.stream().clone_htod(&[0.3f32]).unwrap();
+        let mut group = dev.group(&gpu, Layout::Backup, &case.has_grad);
+        // Built with another value, then set: the launch reads the slot.
+        let wrong = match radius {
+            Radius::Fixed(_) => Radius::Fixed(9.0),
+            Radius::TrustRegion { .. } => Radius::TrustRegion { delta: 9.0 },
+        };
+        let mut slot = DeviceRadius::new(&gpu, wrong).unwrap();
+        let value = match radius {
+            Radius::Fixed(r) => r,
+            Radius::TrustRegion { delta } => delta,
+        };
+        slot.set_value(&gpu, value).unwrap();
+        assert_eq!(slot.radius(), radius);
+        poison_state(&gpu, &mut group);
+        let norm = NormOptions {
+            geometry: opts.geometry,
+            inv_scale: 1.0,
+        };
+        grad_norm(&gpu, &group, norm).unwrap();
+        // `opts.radius` is ignored: the kind and value come from the slot.
+        let ignored = PerturbOptions {
+            radius: Radius::Fixed(123.0),
+            ..opts
+        };
+        perturb_device(&gpu, &group, ignored, &slot, Some(&d.as_view())).unwrap();
+        let st = group.read_state().unwrap();
+        assert!(st.perturb_status().applied(), "case {k}: {st:?}");
+        assert_eq!(bytemuck::bytes_of(&st), bytemuck::bytes_of(&by_value.state));
+        for i in 0..SIZES.len() {
+            assert_eq!(
+                bits(&dev.theta[i].read(gpu.stream())),
+                bits(&by_value.theta[i])
+            );
+            assert_eq!(bits(&dev.aux[i].read(gpu.stream())), bits(&by_value.aux[i]));
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The TRAM step object: configuration checks, the CPU step's wiring against
 //! the operations it composes, and (GPU) a captured CUDA graph of a whole step
 //! replayed against the same steps run uncaptured, with the learning rate
-//! changed between replays.
+//! and δ changed between replays.
 
 #[macro_use]
 mod common;
@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use tram_kernels::cpu::ema::{ema_update, EmaTensor};
 use tram_kernels::cpu::kl_div::{kl_div, Logits};
 use tram_kernels::cpu::noise::add_noise;
-use tram_kernels::cpu::optimizer::{FusedOptimizer, UpdateTensor, Weights};
+use tram_kernels::cpu::optimizer::{EmaSource, FusedOptimizer, UpdateTensor, Weights};
 use tram_kernels::cpu::step::{FirstStepWeights, TramStep};
 use tram_kernels::{
     BaseOptimizer, Error, Geometry, KlOptions, NoiseConfig, NoiseDistribution, TramConfig,
@@ -270,6 +270,117 @@ fn cpu_step_composes_kl_perturb_update_and_ema() {
 }
 
 #[test]
+fn cpu_set_delta_changes_rho_and_rejects_bad_values() {
+    let mut rng = SmallRng::seed_from_u64(41);
+    let (rows, vocab) = (3, 65);
+    let a = rand_vec(&mut rng, rows * vocab, 2.0);
+    let b = rand_vec(&mut rng, rows * vocab, 2.0);
+    let theta0 = rand_vec(&mut rng, 777, 1.0);
+    let grad = rand_vec(&mut rng, 777, 0.1);
+    let mut step = TramStep::new(theta_cfg(), true).unwrap();
+    let target = Logits::dense(&a, rows, vocab).unwrap();
+    let model = Logits::dense(&b, rows, vocab).unwrap();
+    let run = |step: &mut TramStep| {
+        let mut p = theta0.clone();
+        let mut bk = vec![f32::NAN; p.len()];
+        let rep = step
+            .first_step(
+                &target,
+                &model,
+                None,
+                FirstStepWeights::InPlace {
+                    params: &mut [&mut p[..]],
+                    backups: &mut [&mut bk[..]],
+                },
+                &[Some(&grad[..])],
+            )
+            .unwrap();
+        (rep, p)
+    };
+    let (r0, p0) = run(&mut step);
+    for delta in [0.05f32, 2.0, 0.0] {
+        step.set_delta(delta).unwrap();
+        assert_eq!(step.config().delta, delta);
+        let (r, p) = run(&mut step);
+        assert_eq!(r.divergence, r0.divergence);
+        assert_eq!(r.perturb.rho, delta as f64 * r.divergence as f64, "ρ = δ·d");
+        assert_ne!(p, p0, "δ {delta}: another perturbation");
+        if delta == 0.0 {
+            assert_eq!(p, theta0, "δ = 0 leaves θ as it is");
+        }
+    }
+    for bad in [-1e-3f32, f32::NAN, f32::INFINITY] {
+        assert!(matches!(
+            step.set_delta(bad),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(step.config().delta, 0.0, "a rejected δ changes nothing");
+    }
+}
+
+#[test]
+fn cpu_fused_second_step_matches_update_then_target() {
+    let mut rng = SmallRng::seed_from_u64(43);
+    let sizes = [3usize, 50_000];
+    let theta: Vec<Vec<f32>> = sizes.iter().map(|&n| rand_vec(&mut rng, n, 1.0)).collect();
+    let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| rand_vec(&mut rng, n, 0.1)).collect();
+    let target0: Vec<Vec<f32>> = sizes.iter().map(|&n| rand_vec(&mut rng, n, 1.0)).collect();
+    let run = |fused: bool| {
+        let mut step = TramStep::new(theta_cfg(), true).unwrap();
+        let mut params: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![f32::NAN; n]).collect();
+        let mut targets = target0.clone();
+        let mut ms: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+        let mut vs = ms.clone();
+        let mut ups: Vec<UpdateTensor<f32, f32>> = params
+            .iter_mut()
+            .zip(&theta)
+            .zip(&grads)
+            .zip(ms.iter_mut().zip(vs.iter_mut()))
+            .map(|(((p, b), g), (m, v))| UpdateTensor {
+                weights: Weights::Restore {
+                    backup: b,
+                    param: p,
+                },
+                grad: Some(g),
+                m,
+                v,
+                weight_decay: true,
+            })
+            .collect();
+        if fused {
+            let mut ts: Vec<&mut [f32]> = targets.iter_mut().map(|t| &mut t[..]).collect();
+            step.second_step_with_target(&mut ups, &mut ts, EmaSource::Param)
+                .unwrap();
+            drop(ups);
+        } else {
+            step.second_step(&mut ups).unwrap();
+            drop(ups);
+            let mut ts: Vec<EmaTensor<f32, f32>> = targets
+                .iter_mut()
+                .zip(&params)
+                .map(|(t, th)| EmaTensor {
+                    target: t,
+                    theta: th,
+                })
+                .collect();
+            step.update_target(&mut ts).unwrap();
+        }
+        (params, targets, ms, vs)
+    };
+    let (a, b) = (run(false), run(true));
+    assert_ne!(a.1, target0, "the target moved");
+    let bits = |x: &Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+        x.iter()
+            .map(|v| v.iter().map(|f| f.to_bits()).collect())
+            .collect()
+    };
+    assert_eq!(bits(&a.0), bits(&b.0), "θ");
+    assert_eq!(bits(&a.1), bits(&b.1), "θ̄");
+    assert_eq!(bits(&a.2), bits(&b.2), "m");
+    assert_eq!(bits(&a.3), bits(&b.3), "v");
+}
+
+#[test]
 fn cpu_tram_x_noise_follows_the_step_count() {
     let cfg = TramConfig {
         variant: TramVariant::X { noise: noise() },
@@ -317,6 +428,7 @@ mod gpu {
     use tram_kernels::cuda::group::{DeviceBuf, ParamGroup, RawTensor};
     use tram_kernels::cuda::kl_div::DeviceLogits;
     use tram_kernels::cuda::optimizer::{RawUpdateTensor, UpdateGroup};
+    use tram_kernels::cuda::restore::restore;
     use tram_kernels::cuda::step::TramStep as GpuStep;
     use tram_kernels::cuda::CudaBackend;
     use tram_kernels::DType;
@@ -377,6 +489,12 @@ mod gpu {
     }
 
     fn step_for<'a>(gpu: &CudaBackend, bufs: &Buffers) -> GpuStep<'a> {
+        step_with_ema_order(gpu, bufs, false)
+    }
+
+    /// `reversed`: the target group lists the tensors in reverse order, which
+    /// the update kernel cannot follow: the EMA is then a separate launch.
+    fn step_with_ema_order<'a>(gpu: &CudaBackend, bufs: &Buffers, reversed: bool) -> GpuStep<'a> {
         let p = |x: &CudaSlice<f32>| ptr(gpu, x);
         let buf = |x: &CudaSlice<f32>| DeviceBuf {
             ptr: p(x),
@@ -402,13 +520,16 @@ mod gpu {
                 weight_decay: i != 0,
             })
             .collect();
-        let ema: Vec<RawEmaTensor> = (0..SIZES.len())
+        let mut ema: Vec<RawEmaTensor> = (0..SIZES.len())
             .map(|i| RawEmaTensor {
                 target: p(&bufs.targets[i]),
                 theta: p(&bufs.params[i]),
                 len: SIZES[i] as u64,
             })
             .collect();
+        if reversed {
+            ema.reverse();
+        }
         // SAFETY: every address is a live allocation of `bufs` (which the test
         // keeps until after the last launch) with the stated length and type,
         // all work is on the backend's one stream, and no written buffer
@@ -462,6 +583,7 @@ mod gpu {
         let graphed = buffers(&gpu);
         let mut s_direct = step_for(&gpu, &direct);
         let mut s_graph = step_for(&gpu, &graphed);
+        assert!(s_graph.target_fused());
         gpu.synchronize().unwrap();
         assert_eq!(snapshot(&gpu, &direct), snapshot(&gpu, &graphed));
 
@@ -477,14 +599,21 @@ mod gpu {
         // Capturing ran nothing.
         assert_eq!(s_graph.optimizer().step_count(&gpu).unwrap(), 0);
 
-        for (i, lr) in [1e-2f32, 3e-2, 2e-3, 2e-3].into_iter().enumerate() {
+        let schedule = [(1e-2f32, 0.5f32), (3e-2, 0.05), (2e-3, 2.0), (2e-3, 0.3)];
+        for (i, (lr, delta)) in schedule.into_iter().enumerate() {
             s_direct.set_lr(&gpu, lr).unwrap();
+            s_direct.set_delta(&gpu, delta).unwrap();
             run_step(&gpu, &mut s_direct, &direct);
             s_graph.set_lr(&gpu, lr).unwrap();
+            s_graph.set_delta(&gpu, delta).unwrap();
             graph.launch().unwrap();
             gpu.synchronize().unwrap();
             let (d, g) = (snapshot(&gpu, &direct), snapshot(&gpu, &graphed));
             assert_eq!(d, g, "replay {i}: every buffer bit for bit");
+            // The replay read this δ: ρ = δ·d exactly (f64 product of the f32s).
+            let kl = stream.clone_dtoh(s_graph.kl_workspace().value()).unwrap()[0];
+            let st = s_graph.param_group().read_state().unwrap();
+            assert_eq!(st.rho, delta as f64 * kl as f64, "replay {i}: ρ = δ·d");
             assert_eq!(
                 s_graph.optimizer().counter(&gpu).unwrap(),
                 s_direct.optimizer().counter(&gpu).unwrap()
@@ -494,13 +623,78 @@ mod gpu {
             assert!(st.perturb_status().applied(), "replay {i}: {st:?}");
             assert_eq!(st, s_direct.param_group().read_state().unwrap());
         }
-        // The learning rate mattered: a replay at another lr diverges.
+        // The learning rate and δ mattered: a replay at other values diverges.
         s_direct.set_lr(&gpu, 1e-1).unwrap();
+        s_direct.set_delta(&gpu, 0.7).unwrap();
         run_step(&gpu, &mut s_direct, &direct);
         s_graph.set_lr(&gpu, 1e-3).unwrap();
+        s_graph.set_delta(&gpu, 0.1).unwrap();
         graph.launch().unwrap();
         gpu.synchronize().unwrap();
         assert_ne!(snapshot(&gpu, &direct)[0], snapshot(&gpu, &graphed)[0]);
+        let (sd, sg) = (
+            s_direct.param_group().read_state().unwrap(),
+            s_graph.param_group().read_state().unwrap(),
+        );
+        let kl = stream.clone_dtoh(s_graph.kl_workspace().value()).unwrap()[0];
+        assert_eq!(sg.rho, 0.1f32 as f64 * kl as f64);
+        assert_ne!(sd.rho, sg.rho);
+        assert!(matches!(
+            s_graph.set_delta(&gpu, -1.0),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    /// θ + ε itself follows δ in a replayed first step (the whole-step test
+    /// sees δ only through the state: the update restores from the backup).
+    #[test]
+    fn captured_first_step_follows_delta() {
+        let gpu = gpu_or_skip!();
+        // SAFETY: as in `captured_step_replays_like_uncaptured_steps`.
+        unsafe { gpu.context().disable_event_tracking() };
+        let direct = buffers(&gpu);
+        let graphed = buffers(&gpu);
+        let mut s_direct = step_for(&gpu, &direct);
+        let mut s_graph = step_for(&gpu, &graphed);
+        let stream = gpu.stream();
+        let first = |step: &mut GpuStep<'_>, bufs: &Buffers| {
+            let a = DeviceLogits::dense(bufs.a.slice(..), ROWS, VOCAB).unwrap();
+            let b = DeviceLogits::dense(bufs.b.slice(..), ROWS, VOCAB).unwrap();
+            step.first_step(&gpu, &a, &b, None).unwrap();
+        };
+        gpu.synchronize().unwrap();
+        let theta0 = snapshot(&gpu, &graphed)[..SIZES.len()].to_vec();
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .unwrap();
+        first(&mut s_graph, &graphed);
+        let graph = stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .unwrap()
+            .expect("a graph");
+        let mut seen = Vec::new();
+        for delta in [0.5f32, 0.05, 3.0] {
+            s_direct.set_delta(&gpu, delta).unwrap();
+            first(&mut s_direct, &direct);
+            s_graph.set_delta(&gpu, delta).unwrap();
+            graph.launch().unwrap();
+            gpu.synchronize().unwrap();
+            let (d, g) = (snapshot(&gpu, &direct), snapshot(&gpu, &graphed));
+            assert_eq!(d, g, "δ {delta}: θ + ε and backups bit for bit");
+            assert_eq!(
+                d[SIZES.len()..2 * SIZES.len()],
+                theta0[..],
+                "backups are θ0"
+            );
+            assert!(
+                !seen.contains(&g[..SIZES.len()].to_vec()),
+                "δ {delta}: new θ + ε"
+            );
+            seen.push(g[..SIZES.len()].to_vec());
+            // Back to θ0 (uncaptured) for the next δ.
+            restore(&gpu, s_direct.param_group()).unwrap();
+            restore(&gpu, s_graph.param_group()).unwrap();
+        }
     }
 
     #[test]
@@ -523,6 +717,9 @@ mod gpu {
         let a = s.clone_dtoh(&bufs.a).unwrap();
         let b = s.clone_dtoh(&bufs.b).unwrap();
         let mut dev = step_for(&gpu, &bufs);
+        // The target follows the parameters: its EMA runs inside the update
+        // kernel, compared below with the CPU's separate EMA.
+        assert!(dev.target_fused());
         let mut cpu = TramStep::new(theta_cfg(), true).unwrap();
         for (i, lr) in [1e-2f32, 5e-2, 3e-3].into_iter().enumerate() {
             dev.set_lr(&gpu, lr).unwrap();
@@ -616,6 +813,28 @@ mod gpu {
                 dev.optimizer().counter(&gpu).unwrap(),
                 cpu.optimizer().counter()
             );
+        }
+    }
+
+    #[test]
+    fn fused_and_separate_target_upkeep_agree() {
+        let gpu = gpu_or_skip!();
+        let fused_bufs = buffers(&gpu);
+        let sep_bufs = buffers(&gpu);
+        let mut fused = step_for(&gpu, &fused_bufs);
+        let mut sep = step_with_ema_order(&gpu, &sep_bufs, true);
+        assert!(fused.target_fused());
+        assert!(!sep.target_fused());
+        let targets0 = snapshot(&gpu, &sep_bufs)[4 * SIZES.len()..].to_vec();
+        for (i, lr) in [1e-2f32, 4e-2, 1e-3].into_iter().enumerate() {
+            for (step, bufs) in [(&mut fused, &fused_bufs), (&mut sep, &sep_bufs)] {
+                step.set_lr(&gpu, lr).unwrap();
+                run_step(&gpu, step, bufs);
+            }
+            gpu.synchronize().unwrap();
+            let (f, s) = (snapshot(&gpu, &fused_bufs), snapshot(&gpu, &sep_bufs));
+            assert_eq!(f, s, "step {i}: every buffer bit for bit");
+            assert_ne!(s[4 * SIZES.len()..], targets0[..], "step {i}: θ̄ moved");
         }
     }
 

@@ -23,6 +23,7 @@
 use rayon::prelude::*;
 
 use crate::config::{validate_lr, BaseOptimizer, StepCounter};
+use crate::cpu::ema::{ema_element, validate_lambda};
 use crate::dtype::Element;
 use crate::error::{ensure, Result};
 
@@ -292,10 +293,84 @@ impl FusedOptimizer {
         self.counter.advance(&self.opt);
         for t in tensors.iter_mut() {
             let s = Scalars::new(&self.opt, self.lr, &self.counter, t.weight_decay);
-            update_tensor(&s, &self.opt, t);
+            update_tensor::<P, G, f32>(&s, &self.opt, t, None);
         }
         Ok(())
     }
+
+    /// [`FusedOptimizer::step`] with TRAM-θ's target θ̄ ← λ·θ̄ + (1−λ)·θ
+    /// updated in the same pass: `targets[i]` follows tensor i's new θ, read
+    /// as `source` says. Bit for bit the results of `step` followed by
+    /// [`ema_update`](crate::cpu::ema::ema_update) over (θ̄, the parameters or
+    /// the masters), as `cuda::optimizer::FusedOptimizer::step_with_target`.
+    /// λ = 1 leaves θ̄ untouched. Validates everything before writing.
+    pub fn step_with_target<P: Element, G: Element, T: Element>(
+        &mut self,
+        tensors: &mut [UpdateTensor<'_, P, G>],
+        targets: &mut [&mut [T]],
+        lambda: f32,
+        source: EmaSource,
+    ) -> Result<()> {
+        validate_lambda(lambda)?;
+        ensure!(!tensors.is_empty(), "the update group is empty");
+        ensure!(
+            targets.len() == tensors.len(),
+            "{} targets for {} tensors",
+            targets.len(),
+            tensors.len()
+        );
+        for (i, (t, x)) in tensors.iter().zip(targets.iter()).enumerate() {
+            t.validate(i, &self.opt)?;
+            ensure!(
+                x.len() == t.len(),
+                "tensor {i}: target has {} elements, param {}",
+                x.len(),
+                t.len()
+            );
+            ensure!(
+                source == EmaSource::Param || matches!(t.weights, Weights::Master { .. }),
+                "tensor {i}: the EMA reads master weights but the tensor has none"
+            );
+        }
+        self.counter.advance(&self.opt);
+        let from_master = source == EmaSource::Master;
+        for (t, x) in tensors.iter_mut().zip(targets.iter_mut()) {
+            let s = Scalars::new(&self.opt, self.lr, &self.counter, t.weight_decay);
+            let ema = (lambda != 1.0).then_some(Ema {
+                target: x,
+                lambda,
+                from_master,
+            });
+            update_tensor(&s, &self.opt, t, ema);
+        }
+        Ok(())
+    }
+}
+
+/// Which new θ a fused EMA target follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EmaSource {
+    /// The working parameters as stored (rounded to their type).
+    Param,
+    /// The f32 master weights (master mode only).
+    Master,
+}
+
+/// A fused EMA target for one tensor.
+struct Ema<'a, T> {
+    target: &'a mut [T],
+    lambda: f32,
+    from_master: bool,
+}
+
+/// θ̄ ← λ·θ̄ + (1−λ)·x for one element, as `ema_update` (and the kernels).
+#[inline]
+fn ema_one<T: Element>(t: &mut T, x: f32, lambda: f32) {
+    *t = if lambda == 0.0 {
+        T::from_f32(x)
+    } else {
+        T::from_f32(ema_element(lambda, t.to_f64(), x as f64))
+    };
 }
 
 /// Splits `s` into `n_chunks` pieces of `CHUNK`, or `n_chunks` empty slices
@@ -308,10 +383,11 @@ fn chunks_or_empty<T>(s: &mut [T], n_chunks: usize) -> Vec<&mut [T]> {
     }
 }
 
-fn update_tensor<P: Element, G: Element>(
+fn update_tensor<P: Element, G: Element, T: Element>(
     s: &Scalars,
     opt: &BaseOptimizer,
     t: &mut UpdateTensor<'_, P, G>,
+    ema: Option<Ema<'_, T>>,
 ) {
     let n = t.len();
     if n == 0 {
@@ -320,6 +396,10 @@ fn update_tensor<P: Element, G: Element>(
     let n_chunks = n.div_ceil(CHUNK);
     let ms = chunks_or_empty(if opt.uses_m() { &mut *t.m } else { &mut [] }, n_chunks);
     let vs = chunks_or_empty(if opt.uses_v() { &mut *t.v } else { &mut [] }, n_chunks);
+    let (lambda, from_master) = ema
+        .as_ref()
+        .map_or((1.0, false), |e| (e.lambda, e.from_master));
+    let xs = chunks_or_empty(ema.map_or(&mut [][..], |e| e.target), n_chunks);
     let grad = t.grad;
     match &mut t.weights {
         Weights::Restore { backup, param } => {
@@ -327,10 +407,14 @@ fn update_tensor<P: Element, G: Element>(
                 .par_chunks_mut(CHUNK)
                 .zip(backup.par_chunks(CHUNK))
                 .zip(ms.into_par_iter().zip(vs))
+                .zip(xs)
                 .enumerate()
-                .for_each(|(c, ((p, b), (m, v)))| {
+                .for_each(|(c, (((p, b), (m, v)), x))| {
                     let Some(grad) = grad else {
                         p.copy_from_slice(b);
+                        for (x, b) in x.iter_mut().zip(b.iter()) {
+                            ema_one(x, b.to_f32(), lambda);
+                        }
                         return;
                     };
                     let g = &grad[c * CHUNK..c * CHUNK + p.len()];
@@ -339,6 +423,10 @@ fn update_tensor<P: Element, G: Element>(
                         let th = element(s, b[i].to_f64(), g[i].to_f64(), mi, vi);
                         p[i] = P::from_f32(th);
                     }
+                    // The chunk is still in cache: one pass over memory.
+                    for (x, p) in x.iter_mut().zip(p.iter()) {
+                        ema_one(x, p.to_f32(), lambda);
+                    }
                 });
         }
         Weights::Master { master, param } => {
@@ -346,11 +434,15 @@ fn update_tensor<P: Element, G: Element>(
                 .par_chunks_mut(CHUNK)
                 .zip(master.par_chunks_mut(CHUNK))
                 .zip(ms.into_par_iter().zip(vs))
+                .zip(xs)
                 .enumerate()
-                .for_each(|(c, ((p, w), (m, v)))| {
+                .for_each(|(c, (((p, w), (m, v)), x))| {
                     let Some(grad) = grad else {
                         for (p, w) in p.iter_mut().zip(w.iter()) {
                             *p = P::from_f32(*w);
+                        }
+                        for ((x, p), w) in x.iter_mut().zip(p.iter()).zip(w.iter()) {
+                            ema_one(x, if from_master { *w } else { p.to_f32() }, lambda);
                         }
                         return;
                     };
@@ -360,6 +452,9 @@ fn update_tensor<P: Element, G: Element>(
                         let th = element(s, w[i] as f64, g[i].to_f64(), mi, vi);
                         w[i] = th;
                         p[i] = P::from_f32(th);
+                    }
+                    for ((x, p), w) in x.iter_mut().zip(p.iter()).zip(w.iter()) {
+                        ema_one(x, if from_master { *w } else { p.to_f32() }, lambda);
                     }
                 });
         }

@@ -3,11 +3,11 @@
 //! update, then the TRAM-θ target upkeep), configured once by a validated
 //! [`TramConfig`].
 
-use crate::config::{Radius, TramConfig, TramVariant};
+use crate::config::{validate_delta, Radius, TramConfig, TramVariant};
 use crate::cpu::ema::{ema_update, EmaTensor};
 use crate::cpu::kl_div::{kl_div, KlOutput, Logits};
 use crate::cpu::noise::add_noise;
-use crate::cpu::optimizer::{FusedOptimizer, UpdateTensor};
+use crate::cpu::optimizer::{EmaSource, FusedOptimizer, UpdateTensor};
 use crate::cpu::perturb::{perturb, perturb_master, PerturbReport};
 use crate::dtype::Element;
 use crate::error::{ensure, Result};
@@ -68,6 +68,13 @@ impl TramStep {
         self.optimizer.set_lr(lr)
     }
 
+    /// Sets δ (ρ = δ·d) from the next first step on; finite and >= 0.
+    pub fn set_delta(&mut self, delta: f32) -> Result<()> {
+        validate_delta(delta)?;
+        self.cfg.delta = delta;
+        Ok(())
+    }
+
     /// Updates applied so far (also the TRAM-x noise counter's step).
     pub fn step_count(&self) -> u64 {
         self.optimizer.step_count()
@@ -121,9 +128,29 @@ impl TramStep {
         self.optimizer.step(tensors)
     }
 
+    /// TRAM-θ's whole second step in one pass: restore + base update, and
+    /// θ̄ ← λ·θ̄ + (1−λ)·θ from the new weights (`source`: the parameters or,
+    /// with master weights, the masters), `targets[i]` for tensor i. The same
+    /// bits as [`TramStep::second_step`] then [`TramStep::update_target`],
+    /// and as the CUDA step's fused kernel.
+    pub fn second_step_with_target<P: Element, G: Element, T: Element>(
+        &mut self,
+        tensors: &mut [UpdateTensor<'_, P, G>],
+        targets: &mut [&mut [T]],
+        source: EmaSource,
+    ) -> Result<()> {
+        let TramVariant::Theta { lambda } = self.cfg.variant else {
+            return Err(crate::Error::InvalidArgument(
+                "the target upkeep is TRAM-θ's; this step is TRAM-x".into(),
+            ));
+        };
+        self.optimizer
+            .step_with_target(tensors, targets, lambda, source)
+    }
+
     /// TRAM-θ: θ̄ ← λ·θ̄ + (1−λ)·θ from the updated weights (after
-    /// [`TramStep::second_step`]; a separate call on the CPU because the
-    /// update borrows θ mutably).
+    /// [`TramStep::second_step`]; [`TramStep::second_step_with_target`]
+    /// does both in one pass).
     pub fn update_target<T: Element, P: Element>(
         &mut self,
         tensors: &mut [EmaTensor<'_, T, P>],

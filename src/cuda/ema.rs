@@ -38,6 +38,7 @@ pub struct DeviceEmaTensor<'a, T, P> {
 /// The tensors of the EMA, described once on the device and reused.
 #[derive(Debug)]
 pub struct EmaGroup<'a> {
+    rows: Vec<MtTensor>,
     table: CudaSlice<MtTensor>,
     chunks: CudaSlice<MtChunk>,
     n_chunks: u32,
@@ -91,6 +92,18 @@ impl<'a> EmaGroup<'a> {
     }
 }
 
+impl EmaGroup<'_> {
+    /// The table as uploaded: slot 0 θ̄, slot 1 θ.
+    pub(crate) fn rows(&self) -> &[MtTensor] {
+        &self.rows
+    }
+
+    /// (target, θ) element types.
+    pub(crate) fn dtypes(&self) -> (DType, DType) {
+        (self.target, self.theta)
+    }
+}
+
 fn build(
     backend: &CudaBackend,
     tensors: &[RawEmaTensor],
@@ -115,6 +128,7 @@ fn build(
     let stream = backend.stream();
     Ok(EmaGroup {
         table: stream.clone_htod(&table)?,
+        rows: table,
         chunks: stream.clone_htod(&chunks)?,
         n_chunks,
         target,

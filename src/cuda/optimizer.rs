@@ -20,9 +20,11 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
+use super::ema::EmaGroup;
 use super::group::{chunk_map, MtChunk, MtTensor, BLOCK_THREADS};
 use super::CudaBackend;
 use crate::config::{validate_lr, BaseOptimizer, StepCounter};
+use crate::cpu::ema::validate_lambda;
 use crate::dtype::{DType, Element};
 use crate::error::{ensure, Error, Result};
 
@@ -85,6 +87,8 @@ pub struct DeviceUpdateTensor<'a, P, G> {
 /// caller vouches for them).
 #[derive(Debug)]
 pub struct UpdateGroup<'a> {
+    /// The table as uploaded (for matching a fused EMA target against it).
+    rows: Vec<MtTensor>,
     table: CudaSlice<MtTensor>,
     chunks: CudaSlice<MtChunk>,
     n_chunks: u32,
@@ -207,6 +211,159 @@ impl<'a> UpdateGroup<'a> {
     pub fn n_chunks(&self) -> u32 {
         self.n_chunks
     }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Never true: a group has at least one tensor.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// TRAM-θ's EMA target fused into the update ([`FusedOptimizer::step_with_target`]):
+/// tensor i of the update also does θ̄ᵢ ← λ·θ̄ᵢ + (1−λ)·θᵢ with the θ it just
+/// wrote, in the same pass. Built from an [`EmaGroup`] over the same tensors
+/// (same order and lengths) whose θ is the update's working parameters, or
+/// (master mode) its f32 master weights; the results are those of
+/// [`ema_update`](super::ema::ema_update) on that group run after the update,
+/// bit for bit. Targets are f32 or the parameter type.
+#[derive(Debug)]
+pub struct FusedTarget<'a> {
+    targets: CudaSlice<u64>,
+    dtype: DType,
+    from_master: bool,
+    len: usize,
+    _borrow: PhantomData<&'a mut ()>,
+}
+
+impl<'a> FusedTarget<'a> {
+    /// Matches `ema` against `update`. Errors when it cannot be fused: other
+    /// tensor counts or lengths, an EMA θ that is neither the update's
+    /// parameters nor (master mode) its masters (or a mix), a θ dtype that is
+    /// not theirs, a target dtype other than f32 or the parameter type, or a
+    /// target overlapping a buffer of the update.
+    pub fn new(
+        backend: &CudaBackend,
+        update: &UpdateGroup<'a>,
+        ema: &EmaGroup<'a>,
+    ) -> Result<Self> {
+        let rows = ema.rows();
+        ensure!(
+            rows.len() == update.rows.len(),
+            "the EMA group has {} tensors, the update {}",
+            rows.len(),
+            update.rows.len()
+        );
+        let (target_dtype, theta_dtype) = ema.dtypes();
+        ensure!(
+            target_dtype == DType::F32 || target_dtype == update.param,
+            "fused EMA targets are f32 or the parameter type ({}), not {}",
+            update.param.name(),
+            target_dtype.name()
+        );
+        let mut from_master = None;
+        for (i, (e, u)) in rows.iter().zip(&update.rows).enumerate() {
+            ensure!(
+                e.len == u.len,
+                "tensor {i}: the EMA has {} elements, the update {}",
+                e.len,
+                u.len
+            );
+            if e.len == 0 {
+                continue;
+            }
+            let theta = e.ptr[1];
+            let m = if theta == u.ptr[0] {
+                false
+            } else if update.master && theta == u.ptr[2] {
+                true
+            } else {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor {i}: the EMA's θ is neither the update's parameters nor its masters"
+                )));
+            };
+            ensure!(
+                *from_master.get_or_insert(m) == m,
+                "tensor {i}: the EMA reads masters for some tensors and parameters for others"
+            );
+        }
+        let from_master = from_master.unwrap_or(false);
+        let want = if from_master {
+            DType::F32
+        } else {
+            update.param
+        };
+        ensure!(
+            theta_dtype == want,
+            "the EMA's θ is {}, the buffers it points at are {}",
+            theta_dtype.name(),
+            want.name()
+        );
+        // The targets are written in the same pass: none may touch a buffer
+        // the update reads or writes.
+        let mut ranges: Vec<(u64, u64, bool)> = Vec::new();
+        let sizes = [
+            update.param.size() as u64,
+            update.grad.size() as u64,
+            if update.master {
+                4
+            } else {
+                update.param.size() as u64
+            },
+            4,
+            4,
+        ];
+        for (e, u) in rows.iter().zip(&update.rows) {
+            if u.len == 0 {
+                continue;
+            }
+            for (slot, &size) in sizes.iter().enumerate() {
+                let p = u.ptr[slot];
+                if p != 0 {
+                    ranges.push((p, p.saturating_add(u.len.saturating_mul(size)), false));
+                }
+            }
+            let t = e.ptr[0];
+            let bytes = e.len.saturating_mul(target_dtype.size() as u64);
+            ranges.push((t, t.saturating_add(bytes), true));
+        }
+        ranges.sort_unstable();
+        // Sorted by start: a range overlaps an earlier one iff it starts
+        // before the furthest end seen so far (kept apart for targets).
+        let (mut end_update, mut end_target) = (0u64, 0u64);
+        for &(start, end, is_target) in &ranges {
+            let limit = if is_target {
+                end_update.max(end_target)
+            } else {
+                end_target
+            };
+            ensure!(
+                start >= limit,
+                "an EMA target overlaps a buffer of the update (at {start:#x})"
+            );
+            if is_target {
+                end_target = end_target.max(end);
+            } else {
+                end_update = end_update.max(end);
+            }
+        }
+        let targets: Vec<u64> = rows.iter().map(|e| e.ptr[0]).collect();
+        Ok(Self {
+            targets: backend.stream().clone_htod(&targets)?,
+            dtype: target_dtype,
+            from_master,
+            len: rows.len(),
+            _borrow: PhantomData,
+        })
+    }
+
+    /// Whether θ̄ follows the f32 master weights (else the working parameters).
+    pub fn from_master(&self) -> bool {
+        self.from_master
+    }
 }
 
 fn build(
@@ -248,6 +405,7 @@ fn build(
     let stream = backend.stream();
     Ok(UpdateGroup {
         table: stream.clone_htod(&table)?,
+        rows: table,
         chunks: stream.clone_htod(&chunks)?,
         n_chunks,
         param,
@@ -355,6 +513,39 @@ impl FusedOptimizer {
     /// Advances the step count on the device, then restores and updates every
     /// tensor of `group`: two launches, no allocation, no host sync.
     pub fn step(&mut self, backend: &CudaBackend, group: &UpdateGroup<'_>) -> Result<()> {
+        self.launch(backend, group, None)
+    }
+
+    /// [`FusedOptimizer::step`] with TRAM-θ's target θ̄ ← λ·θ̄ + (1−λ)·θ
+    /// updated in the same pass (`target` built for `group`): still two
+    /// launches. λ ∈ [0, 1] is a launch argument (fixed configuration, kept by
+    /// a captured graph); λ = 1 leaves θ̄ untouched and runs the plain update.
+    pub fn step_with_target(
+        &mut self,
+        backend: &CudaBackend,
+        group: &UpdateGroup<'_>,
+        target: &FusedTarget<'_>,
+        lambda: f32,
+    ) -> Result<()> {
+        validate_lambda(lambda)?;
+        ensure!(
+            target.len == group.rows.len(),
+            "the fused target has {} tensors, the update group {}",
+            target.len,
+            group.rows.len()
+        );
+        if lambda == 1.0 {
+            return self.launch(backend, group, None);
+        }
+        self.launch(backend, group, Some((target, lambda)))
+    }
+
+    fn launch(
+        &mut self,
+        backend: &CudaBackend,
+        group: &UpdateGroup<'_>,
+        ema: Option<(&FusedTarget<'_>, f32)>,
+    ) -> Result<()> {
         let (name, nesterov) = match self.opt {
             BaseOptimizer::AdamW { .. } => ("adamw", false),
             BaseOptimizer::Sgd { nesterov, .. } => ("sgd", nesterov),
@@ -367,12 +558,16 @@ impl FusedOptimizer {
             !self.opt.uses_v() || group.all_v,
             "the optimizer keeps a second moment but a tensor has no v buffer"
         );
-        let kernel = format!(
+        let mut kernel = format!(
             "optimizer_{name}_{}_{}_{}",
             if group.master { "master" } else { "restore" },
             group.param.name(),
             group.grad.name()
         );
+        if let Some((t, _)) = ema {
+            kernel.push_str("_ema_");
+            kernel.push_str(t.dtype.name());
+        }
         let update = backend.function(&kernel)?;
         let advance = backend.function("optimizer_advance")?;
         let stream = backend.stream();
@@ -407,11 +602,19 @@ impl FusedOptimizer {
             .arg(&self.hyper)
             .arg(&self.counter)
             .arg(&nesterov);
+        let from_master;
+        if let Some((t, lambda)) = &ema {
+            from_master = t.from_master as u32;
+            b.arg(&t.targets).arg(lambda).arg(&from_master);
+        }
         // SAFETY: the table rows and chunk list were built by `build` with the
         // kernel's layouts (MtTensor, MtChunk of multi_tensor.cuh) and every chunk
         // index lies inside its tensor; the addresses in the rows are valid by
         // the group's construction (borrowed views, or the `from_raw` contract);
-        // the kernel name matches the group's dtypes and mode.
+        // the kernel name matches the group's dtypes and mode. With an EMA, the
+        // target list has one address per table row, each of `len` elements of
+        // the target type that overlap no buffer of the group (checked by
+        // `FusedTarget::new`, valid by the EMA group's construction).
         unsafe { b.launch(cfg) }?;
         Ok(())
     }

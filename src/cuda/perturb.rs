@@ -28,8 +28,14 @@
 //!
 //! Norm and perturbation together are two launches for any number of tensors,
 //! with no allocation and no host sync.
+//!
+//! The radius scale (ρ itself when fixed, δ for a trust region) is either a
+//! launch argument ([`perturb`], [`perturb_raw`]: a captured CUDA graph keeps
+//! the value it was captured with) or read from a [`DeviceRadius`] in device
+//! memory ([`perturb_device`]: the host rewrites it with an async copy between
+//! steps and a replayed graph uses the current value).
 
-use cudarc::driver::{CudaView, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::grad_norm::check_geometry;
 use super::group::{ParamGroup, BLOCK_THREADS};
@@ -77,6 +83,72 @@ pub struct PerturbOptions {
     pub mode: PerturbMode,
 }
 
+/// The radius scale in device memory: ρ for [`Radius::Fixed`], δ for
+/// [`Radius::TrustRegion`]. The kind is fixed at construction (it selects the
+/// formula at launch); the value can be changed between steps with
+/// [`DeviceRadius::set_value`], and launches already captured in a CUDA graph
+/// read the new value when replayed.
+#[derive(Debug)]
+pub struct DeviceRadius {
+    radius: Radius,
+    slot: CudaSlice<f32>,
+    addr: u64,
+}
+
+impl DeviceRadius {
+    /// Allocates the slot and writes the value of `radius` to it.
+    pub fn new(backend: &CudaBackend, radius: Radius) -> Result<Self> {
+        let stream = backend.stream();
+        let slot = stream.clone_htod(&[radius_value(radius)])?;
+        // The address is taken once: launches pass it as a plain argument
+        // (capturable, no event bookkeeping); it stays valid while `slot` lives.
+        let addr = slot.device_ptr(stream).0;
+        Ok(Self { radius, slot, addr })
+    }
+
+    /// The radius last written from the host.
+    pub fn radius(&self) -> Radius {
+        self.radius
+    }
+
+    /// Writes a new ρ (fixed) or δ (trust region) with an async copy on the
+    /// backend's stream: launches enqueued or replayed after this call read
+    /// it. Not to be called while the stream is being captured. Like the
+    /// by-value radius, a negative or non-finite value is not an error here:
+    /// the perturbation then reports it in its status and leaves θ unchanged.
+    pub fn set_value(&mut self, backend: &CudaBackend, value: f32) -> Result<()> {
+        backend.stream().memcpy_htod(&[value], &mut self.slot)?;
+        self.radius = match self.radius {
+            Radius::Fixed(_) => Radius::Fixed(value),
+            Radius::TrustRegion { .. } => Radius::TrustRegion { delta: value },
+        };
+        Ok(())
+    }
+
+    /// The device address of the f32 slot.
+    pub fn ptr(&self) -> u64 {
+        self.addr
+    }
+}
+
+fn radius_value(radius: Radius) -> f32 {
+    match radius {
+        Radius::Fixed(r) => r,
+        Radius::TrustRegion { delta } => delta,
+    }
+}
+
+fn divergence_ptr(backend: &CudaBackend, divergence: Option<&CudaView<'_, f32>>) -> Result<u64> {
+    Ok(match divergence {
+        Some(v) => {
+            ensure!(!v.is_empty(), "the divergence view is empty");
+            let (p, _guard) = v.device_ptr(backend.stream());
+            p
+        }
+        None => 0,
+    })
+}
+
 /// Enqueues the perturbation. `divergence` (one f32 on the device, d in
 /// ρ = δ·d) is required for [`Radius::TrustRegion`] and ignored otherwise.
 ///
@@ -89,18 +161,34 @@ pub fn perturb(
     opts: PerturbOptions,
     divergence: Option<&CudaView<'_, f32>>,
 ) -> Result<()> {
-    let d = match divergence {
-        Some(v) => {
-            ensure!(!v.is_empty(), "the divergence view is empty");
-            let (p, _guard) = v.device_ptr(backend.stream());
-            p
-        }
-        None => 0,
-    };
+    let d = divergence_ptr(backend, divergence)?;
     // SAFETY: `d` is 0 or the address of an f32 that `divergence` borrows for
     // this call; the launch reads it in the order of the backend's stream, the
     // stream-order contract every cudarc view already carries.
     unsafe { perturb_raw(backend, group, opts, d) }
+}
+
+/// [`perturb`] with the radius read from device memory at run time: the kind
+/// and scale come from `radius` (`opts.radius` is ignored), so a graph that
+/// captured this launch follows [`DeviceRadius::set_value`].
+///
+/// Errors: as [`perturb`].
+pub fn perturb_device(
+    backend: &CudaBackend,
+    group: &ParamGroup<'_>,
+    opts: PerturbOptions,
+    radius: &DeviceRadius,
+    divergence: Option<&CudaView<'_, f32>>,
+) -> Result<()> {
+    let d = divergence_ptr(backend, divergence)?;
+    let opts = PerturbOptions {
+        radius: radius.radius(),
+        ..opts
+    };
+    // SAFETY: `d` as in `perturb`; the radius slot is owned by `radius`, which
+    // the caller keeps alive across the launch by the borrow (and, for a
+    // captured graph, by keeping it for as long as the graph is replayed).
+    unsafe { launch(backend, group, opts, radius.ptr(), d) }
 }
 
 /// [`perturb`] with the divergence given as a raw device address.
@@ -113,6 +201,42 @@ pub unsafe fn perturb_raw(
     backend: &CudaBackend,
     group: &ParamGroup<'_>,
     opts: PerturbOptions,
+    divergence: u64,
+) -> Result<()> {
+    // SAFETY: no device radius (the value is passed by value); `divergence`
+    // by this function's contract.
+    unsafe { launch(backend, group, opts, 0, divergence) }
+}
+
+/// [`perturb_raw`] with the radius scale read from `radius_dev` (an f32 in
+/// device memory) instead of from `opts.radius`, whose kind still selects
+/// fixed or trust region.
+///
+/// # Safety
+/// As [`perturb_raw`]; `radius_dev` must in addition be the address of an f32
+/// of the backend's context that stays allocated until the launch (or every
+/// replay of a graph that captured it) has run.
+pub unsafe fn perturb_raw_device(
+    backend: &CudaBackend,
+    group: &ParamGroup<'_>,
+    opts: PerturbOptions,
+    radius_dev: u64,
+    divergence: u64,
+) -> Result<()> {
+    ensure!(radius_dev != 0, "the device radius address is null");
+    // SAFETY: forwarded contract.
+    unsafe { launch(backend, group, opts, radius_dev, divergence) }
+}
+
+/// `radius_dev` 0: the scale is `opts.radius`'s value.
+///
+/// # Safety
+/// `divergence` as in [`perturb_raw`], `radius_dev` as in [`perturb_raw_device`] when non-zero.
+unsafe fn launch(
+    backend: &CudaBackend,
+    group: &ParamGroup<'_>,
+    opts: PerturbOptions,
+    radius_dev: u64,
     divergence: u64,
 ) -> Result<()> {
     group.check_backend(backend)?;
@@ -160,6 +284,7 @@ pub unsafe fn perturb_raw(
         .arg(&opts.inv_scale)
         .arg(&kind)
         .arg(&value)
+        .arg(&radius_dev)
         .arg(&divergence)
         .arg(&state);
     let cfg = LaunchConfig {
@@ -172,7 +297,8 @@ pub unsafe fn perturb_raw(
     // was built (lengths, alignment, no overlap) and stay live for its
     // lifetime; the mode's slot is filled (checked above); `divergence` is
     // read only for a trust-region radius, where it is non-zero and live by
-    // this function's contract.
+    // this function's contract; `radius_dev` is 0 (unused) or live by the
+    // callers' contracts.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

@@ -1,12 +1,14 @@
 //! A whole TRAM step on the CUDA backend, the twin of `cpu::step`: the first
 //! step (KL → d on the device, norm, perturbation reading d from device
-//! memory: 3 launches) and the second step (restore + base update, then the
-//! TRAM-θ EMA or the TRAM-x noise counter: 3 launches). No allocation and no
+//! memory: 3 launches) and the second step (restore + base update, with the
+//! TRAM-θ EMA fused in when the target group follows the update's weights,
+//! else after it, or the TRAM-x noise counter: 2 or 3 launches). No allocation and no
 //! host sync in either, so both can be captured in one CUDA graph; the
-//! learning rate, the step count and the noise step live in device memory and
-//! replays see their current values.
+//! learning rate, δ, the step count and the noise step live in device memory
+//! and replays see their current values ([`TramStep::set_lr`],
+//! [`TramStep::set_delta`]).
 //!
-//! δ, η, λ and σ are fixed configuration (kernel arguments, frozen into a
+//! η, λ and σ are fixed configuration (kernel arguments, frozen into a
 //! captured graph); to change them, build a new step object (and re-capture).
 
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DeviceRepr};
@@ -16,10 +18,10 @@ use super::grad_norm::{grad_norm, NormOptions};
 use super::group::ParamGroup;
 use super::kl_div::{kl_div, DeviceLogits, KlWorkspace};
 use super::noise::{add_noise, NoiseStep};
-use super::optimizer::{FusedOptimizer, UpdateGroup};
-use super::perturb::{perturb_raw, PerturbMode, PerturbOptions};
+use super::optimizer::{FusedOptimizer, FusedTarget, UpdateGroup};
+use super::perturb::{perturb_raw_device, DeviceRadius, PerturbMode, PerturbOptions};
 use super::CudaBackend;
-use crate::config::{Radius, TramConfig, TramVariant};
+use crate::config::{validate_delta, Radius, TramConfig, TramVariant};
 use crate::dtype::Element;
 use crate::error::{ensure, Error, Result};
 
@@ -34,9 +36,13 @@ pub struct TramStep<'a> {
     params: ParamGroup<'a>,
     update: UpdateGroup<'a>,
     target: Option<EmaGroup<'a>>,
+    /// The target upkeep fused into the update, when `target` allows it.
+    fused: Option<FusedTarget<'a>>,
     optimizer: FusedOptimizer,
     kl: KlWorkspace,
     noise_step: NoiseStep,
+    /// δ in device memory.
+    delta: DeviceRadius,
     mode: PerturbMode,
 }
 
@@ -67,14 +73,22 @@ impl<'a> TramStep<'a> {
             update.is_master() == roles.master,
             "the update group and the parameter group disagree on master weights"
         );
+        // Fused when the target group follows the update's own weights
+        // (FusedTarget::new's conditions), else a separate EMA launch.
+        let fused = match (&cfg.variant, &target) {
+            (TramVariant::Theta { .. }, Some(t)) => FusedTarget::new(backend, &update, t).ok(),
+            _ => None,
+        };
         Ok(Self {
             cfg,
             params,
             update,
             target,
+            fused,
             optimizer: FusedOptimizer::new(backend, cfg.optimizer, cfg.lr)?,
             kl: KlWorkspace::new(backend, max_rows)?,
             noise_step: NoiseStep::new(backend, 0)?,
+            delta: DeviceRadius::new(backend, Radius::TrustRegion { delta: cfg.delta })?,
             mode,
         })
     }
@@ -91,6 +105,12 @@ impl<'a> TramStep<'a> {
         &self.optimizer
     }
 
+    /// Whether the TRAM-θ target upkeep runs inside the update kernel (one
+    /// pass) rather than as a separate EMA launch after it.
+    pub fn target_fused(&self) -> bool {
+        self.fused.is_some()
+    }
+
     pub fn kl_workspace(&self) -> &KlWorkspace {
         &self.kl
     }
@@ -99,6 +119,16 @@ impl<'a> TramStep<'a> {
     /// call: an async copy, not to be called while capturing.
     pub fn set_lr(&mut self, backend: &CudaBackend, lr: f32) -> Result<()> {
         self.optimizer.set_lr(backend, lr)
+    }
+
+    /// Sets δ (ρ = δ·d) of the perturbations enqueued (or replayed) after
+    /// this call: an async copy, not to be called while capturing. δ must be
+    /// finite and >= 0, as at construction.
+    pub fn set_delta(&mut self, backend: &CudaBackend, delta: f32) -> Result<()> {
+        validate_delta(delta)?;
+        self.delta.set_value(backend, delta)?;
+        self.cfg.delta = delta;
+        Ok(())
     }
 
     /// TRAM-x: out = e + z, with the noise step on the device (it equals the
@@ -118,7 +148,7 @@ impl<'a> TramStep<'a> {
     }
 
     /// KL(target, model) → d (a device scalar), the norm, and θ + ε with
-    /// ρ = δ·d read from device memory. Three launches.
+    /// ρ = δ·d, d and δ both read from device memory. Three launches.
     pub fn first_step<T: Element>(
         &mut self,
         backend: &CudaBackend,
@@ -146,22 +176,28 @@ impl<'a> TramStep<'a> {
         )?;
         let opts = PerturbOptions {
             geometry,
-            radius: Radius::TrustRegion {
-                delta: self.cfg.delta,
-            },
+            radius: self.delta.radius(),
             inv_scale: 1.0,
             mode: self.mode,
         };
         let (d, _guard) = self.kl.value().device_ptr(backend.stream());
-        // SAFETY: `d` addresses the workspace's f32 value, owned by `self` for
-        // as long as any launch (or graph) built from this call may run, and
-        // written only on this stream (by the KL just enqueued).
-        unsafe { perturb_raw(backend, &self.params, opts, d) }
+        // SAFETY: `d` addresses the workspace's f32 value and the radius slot
+        // is δ's, both owned by `self` for as long as any launch (or graph)
+        // built from this call may run; `d` is written only on this stream
+        // (by the KL just enqueued), δ only by `set_delta`'s copy on it.
+        unsafe { perturb_raw_device(backend, &self.params, opts, self.delta.ptr(), d) }
     }
 
     /// Restore + base update (advancing the device step count), then the
-    /// TRAM-θ target upkeep or the TRAM-x noise step. Two or three launches.
+    /// TRAM-θ target upkeep or the TRAM-x noise step. Two launches (the step
+    /// count, then restore + update + target EMA in one pass) when the target
+    /// is fused ([`TramStep::target_fused`]), else three.
     pub fn second_step(&mut self, backend: &CudaBackend) -> Result<()> {
+        if let (TramVariant::Theta { lambda }, Some(f)) = (self.cfg.variant, &self.fused) {
+            return self
+                .optimizer
+                .step_with_target(backend, &self.update, f, lambda);
+        }
         self.optimizer.step(backend, &self.update)?;
         match self.cfg.variant {
             TramVariant::Theta { lambda } => {
