@@ -7,7 +7,8 @@
 //! is checked against the CPU reference; without one they run on the CPU
 //! reference and are checked against independent f64 sums written here. It
 //! prints each operation's time and effective bandwidth, and exits non-zero if
-//! a check fails.
+//! a check fails (or, with `TRAM_REQUIRE_GPU=1`, if the CUDA backend is not
+//! available).
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -382,7 +383,13 @@ fn main() -> ExitCode {
                 failures += 1;
             }
         }
-        Err(e) => println!("\nCUDA backend not used: {e}"),
+        Err(e) => {
+            println!("\nCUDA backend not used: {e}");
+            if std::env::var("TRAM_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                println!("TRAM_REQUIRE_GPU=1: a GPU run was required");
+                failures += 1;
+            }
+        }
     }
 
     if failures == 0 {

@@ -3,7 +3,8 @@
 # the git-ignored folder gpu-bundle/:
 #   gpu-bundle/bin.tar.gz       tests/<name>: release test binaries (lib unit
 #                               tests + tests/*.rs); benches/<name>: release
-#                               criterion bench binaries (benches/*.rs)
+#                               criterion bench binaries (benches/*.rs);
+#                               examples/<name>: tour and train_shift
 #   gpu-bundle/gpu-run.sh, baselines_torch.py, MANIFEST, ptxas-sm_90.txt
 # Binaries are stripped and packed (the embedded PTX compresses ~4x) so the
 # bundle stays well under the 64 MiB a device call may carry. Then, on the GPU
@@ -46,10 +47,19 @@ echo "building release test binaries" >&2
 tests="$(cargo test --release --no-run --message-format=json | list_executables)"
 echo "building release bench binaries" >&2
 benches="$(cargo bench --no-run --message-format=json | list_executables | awk '$1 == "bench"')"
+echo "building release examples (tour, train_shift)" >&2
+examples="$(cargo build --release --examples --message-format=json | python3 -c '
+import json, sys
+for line in sys.stdin:
+    if line.startswith("{"):
+        m = json.loads(line)
+        if m.get("reason") == "compiler-artifact" and m.get("executable") and "example" in m["target"]["kind"]:
+            print(m["target"]["name"], m["executable"])
+')"
 
 stage="$root/target/gpu-stage"
 rm -rf "$bundle" "$stage"
-mkdir -p "$bundle" "$stage/tests" "$stage/benches"
+mkdir -p "$bundle" "$stage/tests" "$stage/benches" "$stage/examples"
 copy() { # dest-folder name path
     local dst="$1/$2"
     if [ -e "$dst" ]; then dst="$1/$2-$(basename "$3")"; fi
@@ -67,6 +77,10 @@ while read -r kind name path; do
     [ -n "$path" ] || continue
     copy "$stage/benches" "$name" "$path" >/dev/null
 done <<<"$benches"
+while read -r name path; do
+    [ -n "$path" ] || continue
+    copy "$stage/examples" "$name" "$path" >/dev/null
+done <<<"$examples"
 
 cp scripts/gpu-run.sh scripts/baselines_torch.py "$bundle/"
 cp target/release/ptxas-sm_90.txt "$bundle/" 2>/dev/null || true
@@ -75,9 +89,9 @@ cp target/release/ptxas-sm_90.txt "$bundle/" 2>/dev/null || true
     echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src kernels benches tests 2>/dev/null || echo ' (+ uncommitted changes)')"
     echo "rustc: $(rustc --version)"
     echo "nvcc: ${NVCC:-from PATH/CUDA_HOME}"
-    (cd "$stage" && find tests benches -type f | sort | xargs ls -l | awk '{print $5, $9}')
+    (cd "$stage" && find tests benches examples -type f | sort | xargs ls -l | awk '{print $5, $9}')
 } >"$bundle/MANIFEST"
-tar -C "$stage" -czf "$bundle/bin.tar.gz" tests benches
+tar -C "$stage" -czf "$bundle/bin.tar.gz" tests benches examples
 cat "$bundle/MANIFEST"
 
 size=$(du -sb "$bundle" | cut -f1)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (no Rust there) what scripts/gpu-build.sh bundled:
 #   1. nvidia-smi -L and nvidia-smi                       -> OUTDIR/01-system.log
-#   2. every test binary with TRAM_REQUIRE_GPU=1           -> OUTDIR/02-tests.log
+#   2. every test binary with TRAM_REQUIRE_GPU=1, then the examples `tour` and
+#      `train_shift --check` (CPU vs CUDA, per-step losses)  -> OUTDIR/02-tests.log
 #   3. the test binaries (but tests/cpu_*) once under compute-sanitizer memcheck -> OUTDIR/03-memcheck.log
 #   4. every bench binary (--bench, short criterion times; their CUDA halves
 #      only, TRAM_BENCH=cuda; TRAM_REQUIRE_GPU=1)       -> OUTDIR/04-bench.log
@@ -36,7 +37,8 @@ export CRITERION_HOME="${TMPDIR:-/tmp}/tram-criterion"
 export PYTHONUNBUFFERED=1
 export TRAM_BENCH=cuda # the benches' CPU halves measure this host, not the GPU
 
-# Stage caps in seconds (sum 470 s ≈ 8 min); override with TRAM_CAP_<STAGE>.
+# Stage caps in seconds (sum 470 s ≈ 8 min, plus the examples' few seconds);
+# override with TRAM_CAP_<STAGE>.
 cap_tests="${TRAM_CAP_TESTS:-80}"
 cap_memcheck="${TRAM_CAP_MEMCHECK:-100}"
 cap_bench="${TRAM_CAP_BENCH:-170}"
@@ -92,6 +94,15 @@ t0=$SECONDS
 for t in "${tests[@]}"; do
     [ -x "$t" ] || continue
     TRAM_REQUIRE_GPU=1 run "$log" "$(left $t0 "$cap_tests")" "$t" --test-threads=4
+done
+
+for e in tour "train_shift --check"; do
+    # shellcheck disable=SC2086 # the name carries its arguments
+    set -- $e
+    [ -x "$bin/examples/$1" ] || { note "example $1: not in the bundle"; continue; }
+    exe="$bin/examples/$1"
+    shift
+    TRAM_REQUIRE_GPU=1 run "$log" 120 "$exe" "$@"
 done
 
 log="$out/03-memcheck.log"
