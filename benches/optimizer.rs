@@ -11,6 +11,8 @@
 //!
 //! `cargo bench --bench optimizer`
 
+mod common;
+
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -54,6 +56,9 @@ fn host(n: usize) -> Host {
 }
 
 fn cpu(c: &mut Criterion) {
+    if !common::cpu_enabled() {
+        return;
+    }
     let n = 1usize << 22;
     let mut h = host(n);
     let mut opt = FusedOptimizer::new(BaseOptimizer::adamw(0.01), LR).unwrap();
@@ -145,7 +150,6 @@ fn cpu(c: &mut Criterion) {
 
 mod gpu {
     use super::*;
-    use cudarc::driver::sys::CUevent_flags;
     use cudarc::driver::{CudaSlice, DevicePtr};
     use tram_kernels::cuda::ema::{ema_update, EmaGroup, RawEmaTensor};
     use tram_kernels::cuda::group::{DeviceBuf, ParamGroup, RawTensor};
@@ -153,7 +157,6 @@ mod gpu {
         FusedOptimizer as GpuOptimizer, FusedTarget, RawUpdateTensor, UpdateGroup,
     };
     use tram_kernels::cuda::restore::restore;
-    use tram_kernels::cuda::CudaBackend;
     use tram_kernels::DType;
 
     /// 4 tensors of 16M f32 parameters: 256 MB per buffer, far above L2.
@@ -170,27 +173,9 @@ mod gpu {
         target: Vec<CudaSlice<f32>>,
     }
 
-    /// Mean time per call of `f` over `iters` calls, from CUDA events.
-    fn timed(gpu: &CudaBackend, iters: u64, mut f: impl FnMut()) -> Duration {
-        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let start = gpu.context().new_event(flags).unwrap();
-        let end = gpu.context().new_event(flags).unwrap();
-        start.record(gpu.stream()).unwrap();
-        for _ in 0..iters {
-            f();
-        }
-        end.record(gpu.stream()).unwrap();
-        end.synchronize().unwrap();
-        Duration::from_secs_f64(start.elapsed_ms(&end).unwrap() as f64 * 1e-3)
-    }
-
     pub fn bench(c: &mut Criterion) {
-        let gpu = match CudaBackend::new(0) {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!("skipping the CUDA optimizer benches: {e}");
-                return;
-            }
+        let Some(gpu) = common::gpu("optimizer") else {
+            return;
         };
         let s = gpu.stream();
         let h = host(PER_TENSOR);
@@ -284,12 +269,12 @@ mod gpu {
             .measurement_time(Duration::from_secs(2));
         g.throughput(Throughput::Bytes(28 * n));
         g.bench_function("fused_restore_adamw", |b| {
-            b.iter_custom(|iters| timed(&gpu, iters, || opt.step(&gpu, &fused).unwrap()))
+            b.iter_custom(|iters| common::gpu_time(&gpu, iters, || opt.step(&gpu, &fused).unwrap()))
         });
         g.throughput(Throughput::Bytes((8 + 28) * n));
         g.bench_function("restore_then_adamw", |b| {
             b.iter_custom(|iters| {
-                timed(&gpu, iters, || {
+                common::gpu_time(&gpu, iters, || {
                     restore(&gpu, &restore_group).unwrap();
                     opt.step(&gpu, &separate).unwrap();
                 })
@@ -298,7 +283,7 @@ mod gpu {
         g.throughput(Throughput::Bytes((28 + 8) * n));
         g.bench_function("fused_restore_adamw_ema", |b| {
             b.iter_custom(|iters| {
-                timed(&gpu, iters, || {
+                common::gpu_time(&gpu, iters, || {
                     opt.step_with_target(&gpu, &fused, &target, LAMBDA).unwrap()
                 })
             })
@@ -306,7 +291,7 @@ mod gpu {
         g.throughput(Throughput::Bytes((28 + 12) * n));
         g.bench_function("fused_restore_adamw_then_ema", |b| {
             b.iter_custom(|iters| {
-                timed(&gpu, iters, || {
+                common::gpu_time(&gpu, iters, || {
                     opt.step(&gpu, &fused).unwrap();
                     ema_update(&gpu, &ema, LAMBDA).unwrap();
                 })
