@@ -144,7 +144,7 @@ pub fn ema_update(backend: &CudaBackend, group: &EmaGroup<'_>, lambda: f32) -> R
     if lambda == 1.0 || group.n_chunks == 0 {
         return Ok(());
     }
-    let f = backend.function(&format!(
+    let f = backend.function_named(format_args!(
         "ema_{}_{}",
         group.target.name(),
         group.theta.name()

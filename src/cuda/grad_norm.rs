@@ -71,7 +71,7 @@ pub fn grad_norm(backend: &CudaBackend, group: &ParamGroup<'_>, opts: NormOption
     } else {
         (group.param_dtype(), Slot::Param)
     };
-    let f = backend.function(&format!(
+    let f = backend.function_named(format_args!(
         "grad_norm_{}_{}",
         theta.name(),
         group.grad_dtype().name()

@@ -658,9 +658,9 @@ unsafe fn launch(
         shared_mem_bytes: 0,
     };
 
-    let f = backend.function(&format!("kl_div_partials_{dir}_{dt}"))?;
+    let f = backend.function_named(format_args!("kl_div_partials_{dir}_{dt}"))?;
     let finish = backend.function("kl_div_finish")?;
-    let grad = backend.function(&format!("kl_div_grad_{dir}_{dt}"))?;
+    let grad = backend.function_named(format_args!("kl_div_grad_{dir}_{dt}"))?;
     let mut l = stream.launch_builder(f);
     l.arg(&a.ptr)
         .arg(&a_stride)

@@ -114,6 +114,54 @@ impl CudaBackend {
             Error::CudaUnavailable(format!("kernel {name} is not in the embedded PTX"))
         })
     }
+
+    /// [`function`](Self::function) by a name assembled from parts (dtype,
+    /// mode...), formatted into a stack buffer: launchers call this every
+    /// step, and a step does no heap allocation.
+    pub(crate) fn function_named(&self, name: std::fmt::Arguments<'_>) -> Result<&CudaFunction> {
+        let mut buf = NameBuf::default();
+        match std::fmt::write(&mut buf, name) {
+            Ok(()) => self.function(buf.as_str()),
+            // Longer than any kernel name: cannot be one of ours.
+            Err(_) => Err(Error::CudaUnavailable(format!(
+                "kernel {name} is not in the embedded PTX"
+            ))),
+        }
+    }
+}
+
+/// A kernel name being assembled, on the stack.
+struct NameBuf {
+    bytes: [u8; 96],
+    len: usize,
+}
+
+impl Default for NameBuf {
+    fn default() -> Self {
+        Self {
+            bytes: [0; 96],
+            len: 0,
+        }
+    }
+}
+
+impl NameBuf {
+    fn as_str(&self) -> &str {
+        // Only whole `&str`s are ever appended, so the prefix is valid UTF-8.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Write for NameBuf {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.bytes.len() {
+            return Err(std::fmt::Error);
+        }
+        self.bytes[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
 }
 
 fn check_ptx_built() -> Result<()> {
@@ -146,4 +194,20 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
             .unwrap_or("unknown panic");
         Error::CudaUnavailable(format!("{what}: the CUDA driver library failed: {msg}"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NameBuf;
+    use std::fmt::Write;
+
+    #[test]
+    fn kernel_names_are_assembled_on_the_stack() {
+        let mut b = NameBuf::default();
+        write!(b, "perturb_{}_{}_{}", "in_place", "bf16", "f32").unwrap();
+        assert_eq!(b.as_str(), "perturb_in_place_bf16_f32");
+        // Too long for any kernel name: an error, not a truncated match.
+        let mut b = NameBuf::default();
+        assert!(write!(b, "{}", "x".repeat(97)).is_err());
+    }
 }

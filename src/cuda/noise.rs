@@ -71,7 +71,7 @@ fn launch(
         NoiseDistribution::Uniform => "uniform",
         NoiseDistribution::Gaussian => "gaussian",
     };
-    let f = backend.function(&format!("noise_{kind}_{}", dtype.name()))?;
+    let f = backend.function_named(format_args!("noise_{kind}_{}", dtype.name()))?;
     let blocks = n.div_ceil(4).div_ceil(THREADS as u64);
     let blocks = blocks.min(backend.sm_count() as u64 * 16) as u32;
     let lc = LaunchConfig {

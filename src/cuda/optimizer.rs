@@ -558,17 +558,16 @@ impl FusedOptimizer {
             !self.opt.uses_v() || group.all_v,
             "the optimizer keeps a second moment but a tensor has no v buffer"
         );
-        let mut kernel = format!(
-            "optimizer_{name}_{}_{}_{}",
+        let (ema_sep, ema_dtype) = match ema {
+            Some((t, _)) => ("_ema_", t.dtype.name()),
+            None => ("", ""),
+        };
+        let update = backend.function_named(format_args!(
+            "optimizer_{name}_{}_{}_{}{ema_sep}{ema_dtype}",
             if group.master { "master" } else { "restore" },
             group.param.name(),
             group.grad.name()
-        );
-        if let Some((t, _)) = ema {
-            kernel.push_str("_ema_");
-            kernel.push_str(t.dtype.name());
-        }
-        let update = backend.function(&kernel)?;
+        ))?;
         let advance = backend.function("optimizer_advance")?;
         let stream = backend.stream();
 

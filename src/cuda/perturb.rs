@@ -266,7 +266,7 @@ unsafe fn launch(
             (1u32, delta)
         }
     };
-    let f = backend.function(&format!(
+    let f = backend.function_named(format_args!(
         "perturb_{}_{}_{}",
         opts.mode.kernel_name(),
         group.param_dtype().name(),

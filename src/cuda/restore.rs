@@ -23,7 +23,7 @@ pub fn restore(backend: &CudaBackend, group: &ParamGroup<'_>) -> Result<()> {
         group.roles().backup,
         "restore needs a group built with backup buffers"
     );
-    let f = backend.function(&format!("restore_b{}", 8 * group.param_dtype().size()))?;
+    let f = backend.function_named(format_args!("restore_b{}", 8 * group.param_dtype().size()))?;
     let (table, chunks, n_chunks) = (group.table_ptr(), group.chunks_ptr(), group.n_chunks_ptr());
     let mut b = backend.stream().launch_builder(f);
     b.arg(&table).arg(&chunks).arg(&n_chunks);
