@@ -204,7 +204,8 @@ mod tests {
     #[test]
     fn kernel_names_are_assembled_on_the_stack() {
         let mut b = NameBuf::default();
-        write!(b, "perturb_{}_{}_{}", "in_place", "bf16", "f32").unwrap();
+        let (mode, p, g) = ("in_place", "bf16", "f32");
+        write!(b, "perturb_{mode}_{p}_{g}").unwrap();
         assert_eq!(b.as_str(), "perturb_in_place_bf16_f32");
         // Too long for any kernel name: an error, not a truncated match.
         let mut b = NameBuf::default();
