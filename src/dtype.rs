@@ -49,18 +49,23 @@ pub trait Element:
 
 impl Element for f32 {
     const DTYPE: DType = DType::F32;
+    #[inline]
     fn to_f32(self) -> f32 {
         self
     }
+    #[inline]
     fn to_f64(self) -> f64 {
         self as f64
     }
+    #[inline]
     fn from_f32(x: f32) -> Self {
         x
     }
+    #[inline]
     fn from_f64(x: f64) -> Self {
         x as f32
     }
+    #[inline]
     fn to_bits_u32(self) -> u32 {
         self.to_bits()
     }
@@ -90,15 +95,19 @@ pub(crate) fn round_to_odd_f32(x: f64) -> f32 {
 
 impl Element for f16 {
     const DTYPE: DType = DType::F16;
+    #[inline]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
+    #[inline]
     fn to_f64(self) -> f64 {
         f16::to_f64(self)
     }
+    #[inline]
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
     }
+    #[inline]
     fn from_f64(x: f64) -> Self {
         if x.is_nan() {
             f16::from_f64(x)
@@ -106,6 +115,7 @@ impl Element for f16 {
             f16::from_f32(round_to_odd_f32(x))
         }
     }
+    #[inline]
     fn to_bits_u32(self) -> u32 {
         self.to_bits() as u32
     }
@@ -113,15 +123,21 @@ impl Element for f16 {
 
 impl Element for bf16 {
     const DTYPE: DType = DType::BF16;
+    // bf16 is the top half of an f32: a shift, exact for every value, NaN
+    // payloads included (half's own conversion branches per element).
+    #[inline]
     fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
+    #[inline]
     fn to_f64(self) -> f64 {
-        bf16::to_f64(self)
+        f32::from_bits((self.to_bits() as u32) << 16) as f64
     }
+    #[inline]
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
     }
+    #[inline]
     fn from_f64(x: f64) -> Self {
         if x.is_nan() {
             bf16::from_f64(x)
@@ -129,6 +145,7 @@ impl Element for bf16 {
             bf16::from_f32(round_to_odd_f32(x))
         }
     }
+    #[inline]
     fn to_bits_u32(self) -> u32 {
         self.to_bits() as u32
     }

@@ -11,7 +11,7 @@ use crate::dtype::{round_to_odd_f32, DType, Element};
 
 /// `src` widened to f32 (exact for every element type). For f32 this is `src`
 /// itself; otherwise the values are written to `buf` (at least `src.len()` long).
-#[inline]
+#[inline(always)]
 pub fn widen<'a, T: Element>(src: &'a [T], buf: &'a mut [f32]) -> &'a [f32] {
     let n = src.len();
     let dst = &mut buf[..n];

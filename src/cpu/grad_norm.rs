@@ -29,6 +29,7 @@
 //! The tests check it against a double-double oracle (exact SAM terms) on groups
 //! of up to 2^20+3 elements per tensor.
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::convert::widen;
@@ -150,7 +151,9 @@ fn block_sum(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f64) -> f64 {
 }
 
 /// The sum of norm terms of one chunk (`theta` and `grad` of equal lengths):
-/// block sums added in order.
+/// block sums added in order. Cloned for AVX2, picked at run time where the CPU
+/// has it: lane-wise IEEE operations in the same order, so the same bits.
+#[multiversion(targets("x86_64+avx2"))]
 fn chunk_partial<P: Element, G: Element>(
     theta: &[P],
     grad: &[G],

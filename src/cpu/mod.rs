@@ -5,6 +5,7 @@ pub mod convert;
 pub mod ema;
 pub mod grad_norm;
 pub mod kl_div;
+pub mod math;
 pub mod noise;
 pub mod optimizer;
 pub mod perturb;
