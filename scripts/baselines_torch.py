@@ -15,13 +15,24 @@ after its last (launch gaps included), after warm-up; the median is printed.
               log_target=True) on bf16 logits (x target, y model), eager and
               torch.compile, loss and loss + backward
     klerr     PyTorch's f32 KL error against an f64 oracle at small logit gaps
-    adamw     one fused torch.optim.AdamW step on 350M bf16 parameters with f32
-              master weights (+ the copy of the master into the bf16 model)
+    step      the step-level figure's base step: torch.optim.AdamW(fused=True)
+              on GPT-2 medium's 292 f32 master tensors (355M) with f32
+              gradients, alone and followed by the copy of the master into a
+              bf16 model (benches/step.rs times TRAM's stages on the same shapes)
+    liger     Liger-Kernel's KL (liger_kernel.transformers.functional.liger_kl_div,
+              reduction="batchmean", log_target=True) on the kl shapes, from
+              the bf16 logits (F.log_softmax of both in f32 first: Liger takes
+              log-probabilities) and on ready f32 log-probabilities (the kernel
+              alone); skipped with a message when liger_kernel is not installed
 
 Output lines for scripts/results.py:
 
     baseline torch <name>: median <ms> ms, <GB/s> GB/s (<bytes> bytes, <reps> reps)
     klerr torch-f32 sigma=<s> gap=<g>: kl=<oracle> rel_err=<max over rows>
+    stepfig torch_fused_adamw ms=<median ms per step> # ...
+    stepfig torch_fused_adamw_bf16copy ms=<median ms per step> # ...
+
+Without PyTorch or without a CUDA device it prints why and exits 1 (no traceback).
 
 GB/s divide the bytes the crate's own bench counts for the same work (its byte
 floor), so the two compare as times.
@@ -33,8 +44,12 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError as e:  # a machine without PyTorch: say so, no traceback
+    print(f"torch not installed ({e}): PyTorch baselines skipped", flush=True)
+    sys.exit(1)
 
 DEV = "cuda"
 BUDGET_S = float(os.environ.get("TRAM_TORCH_BUDGET_S", "110"))
@@ -99,6 +114,22 @@ def group_of(params):
         t.append(n)
         total += n
         i += 1
+    return t
+
+
+def gpt2_medium():
+    """Element counts of GPT-2 medium's 292 tensors, 354,823,168 parameters
+    (as benches/common/mod.rs gpt2_medium)."""
+    h, ff = 1024, 4096
+    t = [50_257 * h, 1024 * h]  # wte, wpe
+    for _ in range(24):
+        t += [h, h]  # ln_1
+        t += [h * 3 * h, 3 * h]  # attn.c_attn
+        t += [h * h, h]  # attn.c_proj
+        t += [h, h]  # ln_2
+        t += [h * ff, ff]  # mlp.c_fc
+        t += [ff * h, h]  # mlp.c_proj
+    t += [h, h]  # ln_f
     return t
 
 
@@ -238,8 +269,9 @@ def kl_errors():
             print(f"klerr torch-f32 sigma={sigma:g} gap={gap:g}: kl={ref.mean().item():.3e} rel_err={rel:.3e}")
 
 
-def bench_adamw():
-    sizes = group_of(350_000_000)
+def bench_step():
+    """The step-level figure's base step: fused AdamW on the f32 masters."""
+    sizes = gpt2_medium()
     nparam = sum(sizes)
     g = torch.Generator(device=DEV).manual_seed(9)
     master = [(torch.randn(n, device=DEV, generator=g) * 0.02).requires_grad_(True) for n in sizes]
@@ -247,23 +279,91 @@ def bench_adamw():
         p.grad = torch.randn(p.shape, device=DEV, generator=g) * 1e-3
     model = [p.detach().to(torch.bfloat16) for p in master]
     master_data = [p.detach() for p in master]
-    opt = torch.optim.AdamW(master, lr=1e-4, weight_decay=0.01, fused=True)
-    tag = f"f32master-bf16/{len(sizes)}x{nparam // 1_000_000}M"
+    # lr and decay as benches/step.rs (decay on every tensor there too).
+    opt = torch.optim.AdamW(master, lr=1e-6, weight_decay=0.01, fused=True)
+    tag = f"gpt2m{len(sizes)}x{nparam // 1_000_000}M"
 
-    def step():
+    def with_copy():
         opt.step()
         with torch.no_grad():
             torch._foreach_copy_(model, master_data)
 
-    report(
-        f"adamw/fused/{tag}",
-        30 * nparam,
-        cuda_times(step, reps=10),
-        note="fused AdamW on f32 master + copy into bf16 model; bytes = 30 B/param (byte-budgets.md)",
+    alone = cuda_times(opt.step, reps=20, warmup=3)
+    copied = cuda_times(with_copy, reps=20, warmup=3)
+    report(f"adamw/fused/f32master/{tag}", 28 * nparam, alone, note="fused AdamW on the f32 masters; 28 B/param")
+    report(f"adamw/fused+bf16copy/{tag}", 30 * nparam, copied, note="+ copy into the bf16 model; 30 B/param")
+    print(
+        f"stepfig torch_fused_adamw ms={statistics.median(alone):.4f} "
+        f"# torch.optim.AdamW(fused=True).step on {len(sizes)} f32 master tensors ({nparam} params), f32 grads",
+        flush=True,
     )
-    report(f"adamw/fused-only/{tag}", 28 * nparam, cuda_times(opt.step, reps=10))
-    del master, model, opt
+    print(
+        f"stepfig torch_fused_adamw_bf16copy ms={statistics.median(copied):.4f} "
+        "# the same step + torch._foreach_copy_ of the masters into the bf16 model (what our fused update also writes)",
+        flush=True,
+    )
+    del master, model, master_data, opt
     free()
+
+
+def liger_kl():
+    """Liger-Kernel's functional KL, or None when it is not installed."""
+    try:
+        from liger_kernel.transformers.functional import liger_kl_div
+
+        return liger_kl_div
+    except ImportError:
+        pass
+    try:
+        from liger_kernel.transformers import LigerKLDIVLoss
+    except ImportError:
+        return None
+
+    def via_module(inp, target, reduction="batchmean", log_target=False):
+        return LigerKLDIVLoss(reduction=reduction, log_target=log_target)(inp, target)
+
+    return via_module
+
+
+def bench_liger():
+    fn = liger_kl()
+    if fn is None:
+        print("liger not installed: skipped (pip install liger-kernel for this baseline)", flush=True)
+        return
+    try:
+        import liger_kernel
+
+        version = getattr(liger_kernel, "__version__", "?")
+    except Exception:  # the version is only informative
+        version = "?"
+    print(f"liger-kernel {version}", flush=True)
+    for rows, vocab in KL_SHAPES:
+        if elapsed() > BUDGET_S * 0.8:
+            print(f"skip kl liger {rows}x{vocab}: time budget ({elapsed():.0f}s of {BUDGET_S:.0f}s)")
+            continue
+        x, y = make_logits(rows, vocab)
+        n = rows * vocab
+        tag = f"{rows}x{vocab}"
+
+        # KL(P_x || P_y): Liger's input is the model's log-probabilities,
+        # its target the target's (log_target=True); batchmean = mean over rows.
+        def from_logits():
+            return fn(F.log_softmax(y.float(), -1), F.log_softmax(x.float(), -1), reduction="batchmean", log_target=True)
+
+        want = F.kl_div(F.log_softmax(y.float(), -1), F.log_softmax(x.float(), -1), log_target=True, reduction="batchmean")
+        got = from_logits()
+        print(f"  liger {tag}: batchmean {got.item():.6e}, torch {want.item():.6e}", flush=True)
+        report(f"kl/liger/loss/bf16/{tag}", 4 * n, cuda_times(from_logits, reps=10, warmup=2), note="log_softmax of both in f32, then liger_kl_div")
+        lx, ly = F.log_softmax(x.float(), -1), F.log_softmax(y.float(), -1)
+        del x, y
+        report(
+            f"kl/liger-kernel-only/loss/f32logp/{tag}",
+            8 * n,
+            cuda_times(lambda: fn(ly, lx, reduction="batchmean", log_target=True), reps=10, warmup=2),
+            note="liger_kl_div on ready f32 log-probabilities; bytes = both read once",
+        )
+        del lx, ly
+        free()
 
 
 def main():
@@ -281,7 +381,8 @@ def main():
         ("tram", bench_tram_step),
         ("kl eager", lambda: bench_kl(False)),
         ("klerr", kl_errors),
-        ("adamw", bench_adamw),
+        ("step", bench_step),
+        ("liger", bench_liger),
         ("kl compile", lambda: bench_kl(True)),
     ]:
         t = time.monotonic()

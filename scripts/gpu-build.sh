@@ -3,7 +3,9 @@
 # the git-ignored folder gpu-bundle/:
 #   gpu-bundle/bin.tar.gz       tests/<name>: release test binaries (lib unit
 #                               tests + tests/*.rs); benches/<name>: release
-#                               criterion bench binaries (benches/*.rs);
+#                               bench binaries, every [[bench]] of Cargo.toml
+#                               (criterion, and `step`, which prints the
+#                               step-level figure's stepfig lines);
 #                               examples/<name>: tour and train_shift
 #   gpu-bundle/gpu-run.sh, baselines_torch.py, MANIFEST, ptxas-sm_90.txt
 # Binaries are stripped and packed (the embedded PTX compresses ~4x) so the

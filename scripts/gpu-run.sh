@@ -5,10 +5,13 @@
 #      `train_shift --check` (CPU vs CUDA, per-step losses)  -> OUTDIR/02-tests.log
 #   3. the test binaries (but tests/cpu_*) once under compute-sanitizer memcheck -> OUTDIR/03-memcheck.log
 #   4. every bench binary (--bench, short criterion times; their CUDA halves
-#      only, TRAM_BENCH=cuda; TRAM_REQUIRE_GPU=1)       -> OUTDIR/04-bench.log
-#   5. baselines_torch.py (PyTorch on the same sizes)      -> OUTDIR/05-torch.log
+#      only, TRAM_BENCH=cuda; TRAM_REQUIRE_GPU=1), `step` (the step-level
+#      figure's stepfig lines, self-timed, ~15 s) first so a cap reached
+#      later cannot lose it                             -> OUTDIR/04-bench.log
+#   5. baselines_torch.py (PyTorch on the same sizes, its fused AdamW step
+#      for the step-level figure, Liger's KL if installed) -> OUTDIR/05-torch.log
 # and OUTDIR/summary.txt with each step's exit code and seconds. Each stage has
-# a time cap so the whole run fits in about 8 minutes; a failing step is logged
+# a time cap so the whole run fits in about 9 minutes; a failing step is logged
 # and the run goes on. At most 6 files, each cut at 15 MiB.
 #
 #   scripts/gpu-run.sh OUTDIR      (from the repository root, gpu-bundle/ beside it)
@@ -37,11 +40,12 @@ export CRITERION_HOME="${TMPDIR:-/tmp}/tram-criterion"
 export PYTHONUNBUFFERED=1
 export TRAM_BENCH=cuda # the benches' CPU halves measure this host, not the GPU
 
-# Stage caps in seconds (sum 470 s ≈ 8 min, plus the examples' few seconds);
-# override with TRAM_CAP_<STAGE>.
+# Stage caps in seconds (sum 520 s ≈ 8.7 min, plus the examples' few seconds:
+# under a 590 s device call); override with TRAM_CAP_<STAGE>. The bench cap
+# covers ~40 criterion ids of ~2.7 s each, their data and checks, and `step`.
 cap_tests="${TRAM_CAP_TESTS:-80}"
 cap_memcheck="${TRAM_CAP_MEMCHECK:-100}"
-cap_bench="${TRAM_CAP_BENCH:-170}"
+cap_bench="${TRAM_CAP_BENCH:-220}"
 cap_torch="${TRAM_CAP_TORCH:-120}"
 
 note() { echo "$*" | tee -a "$summary"; }
@@ -87,7 +91,12 @@ run "$sys" 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max
 [ -f "$bundle/ptxas-sm_90.txt" ] && { echo "=== ptxas sm_90 resource usage"; cat "$bundle/ptxas-sm_90.txt"; } >>"$sys"
 
 tests=("$bin"/tests/*)
-benches=("$bin"/benches/*)
+# The step-level figure first, then the others in name order.
+benches=()
+[ -e "$bin/benches/step" ] && benches+=("$bin/benches/step")
+for b in "$bin"/benches/*; do
+    [ "$(basename "$b")" = step ] || benches+=("$b")
+done
 
 log="$out/02-tests.log"
 t0=$SECONDS

@@ -3,7 +3,9 @@
 
     CPU: the newest bench-logs/cpu/*.log (scripts/bench-cpu.sh)
     GPU: the newest gpu-runs/<run>/ holding 04-bench.log (scripts/gpu-run.sh),
-         with 05-torch.log (scripts/baselines_torch.py) and 01-system.log
+         with 05-torch.log (scripts/baselines_torch.py) and 01-system.log;
+         the step-level figure from the `stepfig` lines of both (benches/step.rs,
+         the torch script's step section)
 
 Criterion reports "time: [lo mid hi]" and "thrpt: [lo mid hi]" per benchmark id;
 the middle value (criterion's point estimate) is used. Throughput is the byte
@@ -39,6 +41,7 @@ RE_ID = re.compile(r"^([A-Za-z0-9_]+/\S+)")
 RE_BASE = re.compile(r"^baseline (\S+) (\S+): median ([0-9.]+) ms, ([0-9.]+) GB/s \((\d+) bytes")
 RE_KLERR = re.compile(r"^klerr (\S+) sigma=(\S+) gap=(\S+): kl=(\S+) rel_err=(\S+)")
 RE_HEADER = re.compile(r"^# ([a-z ]+): (.*)$")
+RE_STEPFIG = re.compile(r"^stepfig (\S+) ms=([0-9.eE+-]+)(?: gbps=([0-9.eE+-]+))?(?: # (.*))?$")
 
 
 def parse(path):
@@ -201,6 +204,8 @@ GPU_VS_TORCH = [
     ("kl_div/cuda/forward-loss+grad/bf16/16384x32000", "kl/eager/loss+grad/bf16/16384x32000"),
 ]
 GPU_VS_COMPILE = [(a, b.replace("/eager/", "/compile/")) for a, b in GPU_VS_TORCH if "/eager/loss/" in b]
+# Liger-Kernel's KL (log_softmax of both logit sets, then its kernel), when installed there.
+GPU_VS_LIGER = [(a, b.replace("/eager/", "/liger/")) for a, b in GPU_VS_TORCH if "/eager/loss/" in b]
 # Whole first steps (sum of our benches) against PyTorch's TRAM sequence.
 GPU_STEPS = [
     ("in place (norm + perturb + restore)", ["grad_norm/cuda/sam/f32/xlmr", "perturb/cuda/sam/f32/xlmr", "restore/cuda/f32/xlmr"], 1.2),
@@ -255,12 +260,12 @@ def gpu_section(run_dir):
         return base[hits[0]] if hits else None
 
     rows = []
-    for ours, theirs in GPU_VS_TORCH + GPU_VS_COMPILE:
+    for ours, theirs in GPU_VS_TORCH + GPU_VS_COMPILE + GPU_VS_LIGER:
         oid = find(crit, ours)
         b = torch_find(theirs)
         if oid and b and "s" in crit[oid]:
             rows.append([f"`{oid}`", fmt_ms(crit[oid]["s"]), f"`{theirs}`", fmt_ms(b["s"]), fmt_ratio(b["s"] / crit[oid]["s"])])
-    lines += ["Against PyTorch on the same GPU and sizes (CUDA events, first launch to last):", ""]
+    lines += ["Against PyTorch (eager, `torch.compile`) and Liger-Kernel on the same GPU and sizes (CUDA events, first launch to last):", ""]
     lines += table(["ours", "ms", "PyTorch", "ms", "speed-up"], rows) if rows else ["(no matching rows)"]
     lines.append("")
 
@@ -276,20 +281,6 @@ def gpu_section(run_dir):
     lines += table(["path", "ours (ms)", "PyTorch (ms)", "speed-up", "target", "met"], rows) if rows else ["(no matching rows)"]
     lines.append("")
 
-    adamw = torch_find("adamw/fused/")
-    parts = [find(crit, "kl_div/cuda/forward-loss/bf16/4096x50257"), find(crit, "grad_norm/cuda/sam/f32/g"), find(crit, "perturb/cuda/master-sam/bf16-f32/g")]
-    lines += ["Step-level figure (350M bf16 parameters, f32 master weights, bf16 logits 8 × 512 × 50,257):", ""]
-    if adamw and all(p and "s" in crit[p] for p in parts):
-        extra = sum(crit[p]["s"] for p in parts)
-        rows = [[f"`{p}`", fmt_ms(crit[p]["s"])] for p in parts]
-        rows.append(["restore (none: the update rewrites bf16 θ from the master)", "0"])
-        rows.append(["**TRAM extra per step**", f"**{fmt_ms(extra)}**"])
-        rows.append(["fused PyTorch AdamW step + bf16 copy", fmt_ms(adamw["s"])])
-        rows.append(["TRAM extra / AdamW step", f"{extra / adamw['s']:.2f}"])
-        lines += table(["part", "ms"], rows)
-    else:
-        lines.append("(not in this run)")
-    lines.append("")
     if klerr:
         impls = sorted({r[0] for r in klerr})
         keys, by = [], {}
@@ -306,6 +297,81 @@ def gpu_section(run_dir):
         ]
         rows = [[s_, g_, by[(s_, g_)]["kl"]] + [by[(s_, g_)].get(i, "—") for i in impls] for s_, g_ in keys]
         lines += table(["σ", "gap", "KL"] + impls, rows) + [""]
+    return lines
+
+
+def stepfig(path):
+    """{key: {"ms", "gbps", "what"}} from the `stepfig` lines of a log (the last of each key)."""
+    out = {}
+    if not path or not os.path.exists(path):
+        return out
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = RE_STEPFIG.match(line.rstrip("\n"))
+            if m:
+                key, ms, gbps, what = m.groups()
+                out[key] = {"ms": float(ms), "gbps": float(gbps) if gbps else None, "what": what or ""}
+    return out
+
+
+STEP_STAGES = ["stage=kl", "stage=norm", "stage=perturb", "stage=restore"]
+
+
+def step_section(run_dir):
+    lines = [
+        "## Step-level figure (GPU)",
+        "",
+        "TRAM's extra device time per training step of GPT-2 medium (292 tensors, 355M parameters: bf16 "
+        "weights, f32 master weights and gradients) with bf16 logits of 8 × 512 × 50,257, stage by stage "
+        "as `TramStep` launches them (`benches/step.rs`), against the base AdamW step on the same parameters.",
+        "",
+    ]
+    ours = stepfig(os.path.join(run_dir, "04-bench.log")) if run_dir else {}
+    torch = stepfig(os.path.join(run_dir, "05-torch.log")) if run_dir else {}
+    if not all(k in ours for k in STEP_STAGES):
+        return lines + [
+            "Not measured yet: the figure fills in when a GPU run whose `04-bench.log` holds the `stepfig` "
+            "lines of `benches/step.rs` is committed under `gpu-runs/`.",
+            "",
+        ]
+    total = sum(ours[k]["ms"] for k in STEP_STAGES)
+
+    def gb(r):
+        return f"{r['gbps']:.0f}" if r.get("gbps") else ""
+
+    def cell(text):  # a '|' (as in KL(P||Q)) would end the table cell
+        return text.replace("|", "\\|")
+
+    rows = [[f"`{k.split('=', 1)[1]}`", f"{ours[k]['ms']:.3f}", gb(ours[k]), cell(ours[k]["what"])] for k in STEP_STAGES]
+    rows.append(["**TRAM extra per step**", f"**{total:.3f}**", "", "sum of the stages above"])
+    lines += table(["stage", "ms", "GB/s", "what"], rows) + [""]
+
+    bases = [
+        ("torch_fused_adamw", torch, "PyTorch `AdamW(fused=True).step` on the f32 masters"),
+        ("torch_fused_adamw_bf16copy", torch, "the same + copy of the masters into the bf16 model"),
+        ("ours_fused_adamw", ours, "our fused AdamW (master mode; also writes the bf16 weights)"),
+    ]
+    rows = [[what, f"{src[k]['ms']:.3f}", f"{total / src[k]['ms']:.2f}"] for k, src, what in bases if k in src]
+    lines += ["TRAM's extra time as a fraction of one base AdamW step:", ""]
+    lines += table(["base step", "ms", "TRAM extra / base"], rows) if rows else ["(no base step in this run)"]
+    if "torch_fused_adamw" not in torch:
+        lines += ["", "(PyTorch's fused AdamW is not in this run's `05-torch.log`.)"]
+    lines.append("")
+
+    rows = []
+    if "first_step" in ours:
+        parts = sum(ours[k]["ms"] for k in STEP_STAGES[:3])
+        rows.append(["`TramStep::first_step` as one call", f"{ours['first_step']['ms']:.3f}", f"kl + norm + perturb timed alone: {parts:.3f}"])
+    base = ours.get("ours_fused_adamw")
+    for key, what in [("second_step_x", "`TramStep::second_step`, TRAM-x"), ("second_step_theta", "`TramStep::second_step`, TRAM-θ (EMA target fused)")]:
+        if key in ours:
+            extra = f"{ours[key]['ms'] - base['ms']:+.3f} over our fused AdamW" if base else ""
+            rows.append([what, f"{ours[key]['ms']:.3f}", extra])
+    if "noise_embed" in ours:
+        rows.append(["TRAM-x embedding noise (bf16 8 × 512 × 1024)", f"{ours['noise_embed']['ms']:.3f}", "a framework-side call of TRAM-x, not in the sum"])
+    if rows:
+        lines += ["Cross-checks from the same run:", ""]
+        lines += table(["call", "ms", "note"], rows) + [""]
     return lines
 
 
@@ -327,6 +393,7 @@ def main():
     ]
     lines += cpu_section(cpu)
     lines += gpu_section(gpu)
+    lines += step_section(gpu)
     with open(args.out, "w", encoding="utf-8") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print(f"wrote {rel(args.out)} from {rel(cpu) if cpu else 'no CPU log'} and {rel(gpu) if gpu else 'no GPU run'}", file=sys.stderr)

@@ -124,6 +124,27 @@ pub fn xlmr_base() -> Vec<usize> {
     t
 }
 
+/// Element counts of GPT-2 medium's 292 tensors (the step-level figure's
+/// model): the 50,257×1024 token and 1024×1024 position embeddings, 24 layers
+/// of LayerNorm, attention (fused q/k/v 1024×3072 and output 1024×1024) and
+/// MLP (1024×4096, 4096×1024) weights with their biases, and the final
+/// LayerNorm: 354,823,168 parameters. scripts/baselines_torch.py lists the same.
+pub fn gpt2_medium() -> Vec<usize> {
+    const H: usize = 1024;
+    const FF: usize = 4 * H;
+    let mut t = vec![50_257 * H, 1024 * H]; // wte, wpe
+    for _ in 0..24 {
+        t.extend([H, H]); // ln_1
+        t.extend([H * 3 * H, 3 * H]); // attn.c_attn
+        t.extend([H * H, H]); // attn.c_proj
+        t.extend([H, H]); // ln_2
+        t.extend([H * FF, FF]); // mlp.c_fc
+        t.extend([FF * H, H]); // mlp.c_proj
+    }
+    t.extend([H, H]); // ln_f
+    t
+}
+
 /// The group `xlmr_base()` repeated (and cut) until it holds about
 /// `params` parameters: the shape of a larger model with the same mix.
 pub fn group_of(params: usize) -> Vec<usize> {
