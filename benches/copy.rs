@@ -16,8 +16,8 @@ fn cpu(c: &mut Criterion) {
     if !common::cpu_enabled() {
         return;
     }
-    let src: Vec<f32> = common::random(CPU_LEN, 1, 1.0);
-    let mut dst = vec![0.0f32; CPU_LEN];
+    let src = common::host_random::<f32>(CPU_LEN, 1, 1.0);
+    let mut dst = common::HostBuf::<f32>::zeroed(CPU_LEN);
     let mut g = c.benchmark_group("copy");
     g.throughput(common::bytes(2 * 4 * CPU_LEN));
     // The same split as the rayon reference ops: big chunks, one per task.
@@ -32,7 +32,7 @@ fn cpu(c: &mut Criterion) {
         b.iter(|| dst.copy_from_slice(&src))
     });
     g.finish();
-    assert_eq!(dst, src);
+    assert_eq!(dst[..], src[..]);
 }
 
 fn cuda(c: &mut Criterion) {

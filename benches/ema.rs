@@ -35,8 +35,8 @@ fn bytes_per<T: Element, P: Element>() -> usize {
 }
 
 fn cpu_case<T: Element, P: Element>(c: &mut Criterion, dtype: &str) {
-    let mut target: Vec<T> = common::random(CPU_LEN, 1, 0.05);
-    let theta: Vec<P> = common::random(CPU_LEN, 2, 0.05);
+    let mut target = common::host_random::<T>(CPU_LEN, 1, 0.05);
+    let theta = common::host_random::<P>(CPU_LEN, 2, 0.05);
     let mut g = c.benchmark_group("ema");
     g.sampling_mode(SamplingMode::Flat);
     g.throughput(common::bytes(bytes_per::<T, P>() * CPU_LEN));

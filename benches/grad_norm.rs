@@ -36,8 +36,8 @@ fn cpu_case<P: Element, G: Element>(
     dtype: &str,
     geometries: &[(&str, Geometry)],
 ) {
-    let theta: Vec<P> = common::random(CPU_LEN, 1, 0.05);
-    let grad: Vec<G> = common::random(CPU_LEN, 2, 1e-3);
+    let theta = common::host_random::<P>(CPU_LEN, 1, 0.05);
+    let grad = common::host_random::<G>(CPU_LEN, 2, 1e-3);
     let params = [&theta[..]];
     let grads = [Some(&grad[..])];
     let mut g = c.benchmark_group("grad_norm");

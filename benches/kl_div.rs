@@ -32,7 +32,7 @@ fn shape_tag((rows, vocab): (usize, usize)) -> String {
 
 fn cpu_case<T: Element>(c: &mut Criterion, dtype: &str, with_grad: bool) {
     let (rows, vocab) = CPU_SHAPE;
-    let (a, b) = common::logit_pair::<T>(rows, vocab, SIGMA, GAP);
+    let (a, b) = common::host_logit_pair::<T>(rows, vocab, SIGMA, GAP);
     let ta = Logits::dense(&a, rows, vocab).expect("logits");
     let tb = Logits::dense(&b, rows, vocab).expect("logits");
     let opts = KlOptions::default();

@@ -53,8 +53,8 @@ const DISTRIBUTIONS: [NoiseDistribution; 2] =
     [NoiseDistribution::Uniform, NoiseDistribution::Gaussian];
 
 fn cpu_case<T: Element>(c: &mut Criterion, dtype: &str, distributions: &[NoiseDistribution]) {
-    let e: Vec<T> = common::random(CPU_LEN, 1, 1.0);
-    let mut out = vec![T::default(); CPU_LEN];
+    let e = common::host_random::<T>(CPU_LEN, 1, 1.0);
+    let mut out = common::HostBuf::<T>::zeroed(CPU_LEN);
     let mut g = c.benchmark_group("noise");
     g.sampling_mode(SamplingMode::Flat);
     g.throughput(common::bytes(2 * T::DTYPE.size() * CPU_LEN));

@@ -30,9 +30,9 @@ fn cpu(c: &mut Criterion) {
     }
     let n = CPU_LEN;
     let size = common::count(n);
-    let mut theta: Vec<f32> = common::random(n, 1, 0.05);
-    let grad: Vec<f32> = common::random(n, 2, 1e-3);
-    let mut backup = vec![0.0f32; n];
+    let mut theta = common::host_random::<f32>(n, 1, 0.05);
+    let grad = common::host_random::<f32>(n, 2, 1e-3);
+    let mut backup = common::HostBuf::<f32>::zeroed(n);
     let grads = [Some(&grad[..])];
 
     let mut g = c.benchmark_group("perturb");
@@ -87,7 +87,7 @@ fn cpu(c: &mut Criterion) {
             .expect("perturb")
         })
     });
-    let mut working = vec![bf16::ZERO; n];
+    let mut working = common::HostBuf::<bf16>::zeroed(n);
     g.throughput(common::bytes(10 * n));
     g.bench_function(format!("cpu/master-sam/bf16-f32/{size}"), |b| {
         b.iter(|| {
@@ -111,14 +111,14 @@ fn cpu(c: &mut Criterion) {
     g.bench_function(format!("cpu/f32/{size}"), |b| {
         b.iter(|| restore(&mut [&mut theta[..]], &[&backup[..]]).expect("restore"))
     });
-    let saved: Vec<bf16> = common::random(n, 3, 0.05);
+    let saved = common::host_random::<bf16>(n, 3, 0.05);
     g.throughput(common::bytes(4 * n));
     g.bench_function(format!("cpu/bf16/{size}"), |b| {
         b.iter(|| restore(&mut [&mut working[..]], &[&saved[..]]).expect("restore"))
     });
     g.finish();
     assert!(
-        theta == backup && working == saved,
+        theta[..] == backup[..] && working[..] == saved[..],
         "restore is not bit-exact"
     );
 }

@@ -59,6 +59,18 @@ def main(sections):
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         print(f"  {var}={os.environ.get(var, '(unset)')}")
     try:
+        # numpy advises transparent huge pages for arrays >= 4 MiB; the Rust
+        # benches put their CPU buffers on them too (benches/common HostBuf).
+        from numpy._core import multiarray
+
+        print(f"  madvise_hugepage={multiarray._get_madvise_hugepage()}")
+    except (ImportError, AttributeError):
+        print("  madvise_hugepage=unknown")
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if os.path.exists(thp):
+        with open(thp) as f:
+            print(f"  transparent_hugepage={f.read().strip()}")
+    try:
         from threadpoolctl import threadpool_info
 
         for info in threadpool_info():

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CPU comparison run: the crate's CPU benches (copy bandwidth, norm,
-# perturb/restore, KL) and the numpy baselines, one after the other in one
-# run, into bench-logs/cpu/<date>-<machine>.log (raw output, read by
-# scripts/results.py). Usage: scripts/bench-cpu.sh [extra criterion args]
+# perturb/restore, KL; then EMA, noise and the optimizer once) and the numpy
+# baselines, one after the other in one run, into
+# bench-logs/cpu/<date>-<machine>.log (raw output, read by scripts/results.py).
+# Usage: scripts/bench-cpu.sh [extra criterion args]
 #
 # The sequence runs TRAM_ROUNDS times (default 3); results.py keeps each
 # benchmark's best round, since on a shared machine the fastest round is the
@@ -26,7 +27,7 @@ machine="$(echo "${TRAM_MACHINE:-$(echo "$cpu_model" | awk '{print tolower($1 "-
 mkdir -p bench-logs/cpu
 log="bench-logs/cpu/$(date -u +%Y-%m-%d)-$machine.log"
 
-benches=(copy grad_norm perturb kl_div)
+benches=(copy grad_norm perturb kl_div ema noise optimizer)
 # A fresh criterion folder: no "change since last run" lines, no stale baselines.
 export CRITERION_HOME="$(mktemp -d)"
 trap 'rm -rf "$CRITERION_HOME"' EXIT
@@ -54,6 +55,9 @@ criterion_args=("$@")
     echo "# kernel: $(uname -r)"
     echo "# rustc: $(rustc --version)"
     echo "# commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src benches 2>/dev/null || echo ' (+ uncommitted changes)')"
+    echo "# simd: $(grep -o -w -m1 avx2 /proc/cpuinfo || echo 'no avx2') (the KL and norm loops dispatch to an AVX2 clone at run time when present)"
+    echo "# rustflags: ${RUSTFLAGS:-(none)}"
+    echo "# transparent huge pages: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo unknown) (CPU bench buffers are madvised, like numpy's arrays)"
     echo "# load before: $(cut -d' ' -f1-3 /proc/loadavg)"
     # Each comparison back to back, since the load of a shared machine drifts:
     # numpy copy, our copy, perturb/restore (percent of that copy); numpy
@@ -69,6 +73,13 @@ criterion_args=("$@")
         numpy kl
         bench kl_div
     done
+    # The operations without a CPU target, once: EMA, noise, and the fused
+    # optimizer against its separate passes.
+    echo
+    echo "=== extra"
+    bench ema
+    bench noise
+    bench optimizer
     echo
     echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$log"

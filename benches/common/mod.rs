@@ -2,7 +2,12 @@
 //! parameter group, and CUDA-event timing.
 #![allow(dead_code)]
 
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
+
+use bytemuck::Pod;
+use memmap2::MmapMut;
 
 use criterion::{Criterion, Throughput};
 use cudarc::driver::sys::CUevent_flags;
@@ -21,6 +26,65 @@ pub fn criterion() -> Criterion {
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
+}
+
+/// A CPU bench buffer on transparent huge pages. numpy advises huge pages for
+/// every array of 4 MiB or more (it is ~20% faster to stream through here), so
+/// the CPU comparison gives our side the same kind of memory. Zero-filled.
+pub struct HostBuf<T> {
+    map: MmapMut,
+    len: usize,
+    _elem: PhantomData<T>,
+}
+
+impl<T: Pod> HostBuf<T> {
+    pub fn zeroed(len: usize) -> Self {
+        let bytes = (len * size_of::<T>()).max(1);
+        let map = MmapMut::map_anon(bytes).expect("anonymous map for a bench buffer");
+        #[cfg(target_os = "linux")]
+        map.advise(memmap2::Advice::HugePage)
+            .expect("madvise(MADV_HUGEPAGE) on a bench buffer");
+        Self {
+            map,
+            len,
+            _elem: PhantomData,
+        }
+    }
+
+    pub fn from_slice(src: &[T]) -> Self {
+        let mut b = Self::zeroed(src.len());
+        b.copy_from_slice(src);
+        b
+    }
+}
+
+impl<T: Pod> Deref for HostBuf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        bytemuck::cast_slice(&self.map[..self.len * size_of::<T>()])
+    }
+}
+
+impl<T: Pod> DerefMut for HostBuf<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        bytemuck::cast_slice_mut(&mut self.map[..self.len * size_of::<T>()])
+    }
+}
+
+/// [`random`] in a [`HostBuf`].
+pub fn host_random<T: Element + Pod>(n: usize, seed: u64, scale: f32) -> HostBuf<T> {
+    HostBuf::from_slice(&random::<T>(n, seed, scale))
+}
+
+/// [`logit_pair`] in [`HostBuf`]s.
+pub fn host_logit_pair<T: Element + Pod>(
+    rows: usize,
+    vocab: usize,
+    sigma: f32,
+    gap: f32,
+) -> (HostBuf<T>, HostBuf<T>) {
+    let (a, b) = logit_pair::<T>(rows, vocab, sigma, gap);
+    (HostBuf::from_slice(&a), HostBuf::from_slice(&b))
 }
 
 /// Bytes moved per operation, as counted in the byte budgets.
