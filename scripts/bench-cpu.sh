@@ -25,7 +25,9 @@ fi
 cpu_model="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1)"
 machine="$(echo "${TRAM_MACHINE:-$(echo "$cpu_model" | awk '{print tolower($1 "-" $2)}')-$(nproc)core}" | tr -c 'a-zA-Z0-9.\n-' '-')"
 mkdir -p bench-logs/cpu
-log="bench-logs/cpu/$(date -u +%Y-%m-%d)-$machine.log"
+# Date and time in the name: runs of one day neither overwrite each other nor
+# sort out of order (results.py reads the newest).
+log="bench-logs/cpu/$(date -u +%Y-%m-%dT%H%MZ)-$machine.log"
 
 benches=(copy grad_norm perturb kl_div ema noise optimizer)
 # A fresh criterion folder: no "change since last run" lines, no stale baselines.
