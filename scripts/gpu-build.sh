@@ -8,6 +8,8 @@
 #                               step-level figure's stepfig lines);
 #                               examples/<name>: tour and train_shift
 #   gpu-bundle/gpu-run.sh, baselines_torch.py, MANIFEST, ptxas-sm_90.txt
+#   gpu-bundle/pylib/           liger_kernel (the KL baseline), when pip can
+#                               fetch its wheel here
 # Binaries are stripped and packed (the embedded PTX compresses ~4x) so the
 # bundle stays well under the 64 MiB a device call may carry. Then, on the GPU
 # machine (from the repository root):
@@ -85,6 +87,19 @@ while read -r name path; do
 done <<<"$examples"
 
 cp scripts/gpu-run.sh scripts/baselines_torch.py "$bundle/"
+# Liger-Kernel for the KL baseline: a pure-Python wheel (torch and triton come
+# with the GPU machine's PyTorch), unpacked into gpu-bundle/pylib, which
+# gpu-run.sh puts on PYTHONPATH. The GPU machine has no network, so it travels.
+liger="${TRAM_LIGER_VERSION:-0.8.5}"
+wheels="$root/target/wheels"
+if python3 -m pip download -q --no-deps --only-binary=:all: "liger-kernel==$liger" -d "$wheels" >&2 2>&1 ||
+    ls "$wheels"/liger_kernel-"$liger"-*.whl >/dev/null 2>&1; then
+    mkdir -p "$bundle/pylib"
+    python3 -m zipfile -e "$(ls "$wheels"/liger_kernel-"$liger"-*.whl | head -n 1)" "$bundle/pylib"
+    echo "liger-kernel $liger unpacked into gpu-bundle/pylib" >&2
+else
+    echo "could not fetch liger-kernel $liger: the Liger baseline will be skipped" >&2
+fi
 cp target/release/ptxas-sm_90.txt "$bundle/" 2>/dev/null || true
 {
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m)"

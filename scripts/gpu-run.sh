@@ -141,6 +141,8 @@ done
 
 log="$out/05-torch.log"
 py="$(command -v python3 || command -v python)"
+# Liger-Kernel travels unpacked in the bundle (see gpu-build.sh).
+if [ -d "$bundle/pylib" ]; then export PYTHONPATH="$bundle/pylib${PYTHONPATH:+:$PYTHONPATH}"; fi
 run "$log" "$cap_torch" "$py" "$bundle/baselines_torch.py"
 
 note "gpu-run: done in ${SECONDS}s"

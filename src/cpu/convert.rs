@@ -47,7 +47,7 @@ pub fn widen<'a, T: Element>(src: &'a [T], buf: &'a mut [f32]) -> &'a [f32] {
 
 /// `dst[k] = T::from_f64(src[k])`, bit for bit, rounding once to nearest even.
 /// `scratch` must be at least `src.len()` long (used for f16).
-#[inline]
+#[inline(always)]
 pub fn narrow<T: Element>(src: &[f64], dst: &mut [T], scratch: &mut [f32]) {
     debug_assert_eq!(src.len(), dst.len());
     match T::DTYPE {

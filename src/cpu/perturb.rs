@@ -25,6 +25,7 @@
 //! The `*_with` variants take the norm and radius explicitly, so a GPU test can
 //! replay exactly the values the device used.
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::convert::{narrow, widen};
@@ -149,6 +150,40 @@ fn update_block<T: Element, G: Element, P: Element>(
         *v = f(t as f64, g as f64);
     }
     narrow(v, out, &mut sc.n);
+}
+
+/// `out[k] ← round(f(θ[k], g[k]))` over one chunk, block by block. Cloned for
+/// AVX2 and picked at run time where the CPU has it (lane-wise IEEE operations:
+/// the same bits either way).
+#[multiversion(targets("x86_64+avx2"))]
+fn update_chunk<T: Element, G: Element, P: Element, F: Fn(f64, f64) -> f64>(
+    theta: &[T],
+    grad: &[G],
+    out: &mut [P],
+    f: &F,
+) {
+    let mut sc = Scratch::new();
+    let blocks = theta.chunks(BLOCK).zip(grad.chunks(BLOCK));
+    for ((tb, gb), ob) in blocks.zip(out.chunks_mut(BLOCK)) {
+        update_block(tb, gb, ob, f, &mut sc);
+    }
+}
+
+/// In place over one chunk, block by block: back θ up, then write θ + ε
+/// computed from the backup (still in L1). Cloned for AVX2 like [`update_chunk`].
+#[multiversion(targets("x86_64+avx2"))]
+fn update_chunk_in_place<P: Element, G: Element, F: Fn(f64, f64) -> f64>(
+    theta: &mut [P],
+    grad: &[G],
+    backup: &mut [P],
+    f: &F,
+) {
+    let mut sc = Scratch::new();
+    let blocks = theta.chunks_mut(BLOCK).zip(grad.chunks(BLOCK));
+    for ((tb, gb), bb) in blocks.zip(backup.chunks_mut(BLOCK)) {
+        bb.copy_from_slice(tb);
+        update_block(bb, gb, tb, f, &mut sc);
+    }
 }
 
 /// Runs `body` with a per-element update function specialised to the geometry,
@@ -284,14 +319,7 @@ pub fn perturb_with<P: Element, G: Element>(
         work.into_par_iter().for_each(|(p, g, b)| match g {
             // One pass: read θ once, write the backup and θ + ε.
             // Block by block: back up θ, then write θ + ε computed from the backup.
-            Some(g) => {
-                let mut sc = Scratch::new();
-                let blocks = p.chunks_mut(BLOCK).zip(g.chunks(BLOCK));
-                for ((pb, gb), bb) in blocks.zip(b.chunks_mut(BLOCK)) {
-                    bb.copy_from_slice(pb);
-                    update_block(bb, gb, pb, &f, &mut sc);
-                }
-            }
+            Some(g) => update_chunk_in_place(p, g, b, &f),
             None => b.copy_from_slice(p),
         })
     });
@@ -351,13 +379,8 @@ pub fn perturb_master_with<P: Element, G: Element>(
         }
     }
     with_update!(geometry, inv_scale as f64, report.coef, |f| {
-        work.into_par_iter().for_each(|(m, g, w)| {
-            let mut sc = Scratch::new();
-            let blocks = m.chunks(BLOCK).zip(g.chunks(BLOCK));
-            for ((mb, gb), wb) in blocks.zip(w.chunks_mut(BLOCK)) {
-                update_block(mb, gb, wb, &f, &mut sc);
-            }
-        })
+        work.into_par_iter()
+            .for_each(|(m, g, w)| update_chunk(m, g, w, &f))
     });
     Ok(report)
 }
@@ -413,13 +436,7 @@ pub fn perturb_out_of_place_with<P: Element, G: Element>(
     }
     with_update!(geometry, inv_scale as f64, report.coef, |f| {
         work.into_par_iter().for_each(|(p, g, o)| match g {
-            Some(g) => {
-                let mut sc = Scratch::new();
-                let blocks = p.chunks(BLOCK).zip(g.chunks(BLOCK));
-                for ((pb, gb), ob) in blocks.zip(o.chunks_mut(BLOCK)) {
-                    update_block(pb, gb, ob, &f, &mut sc);
-                }
-            }
+            Some(g) => update_chunk(p, g, o, &f),
             None => o.copy_from_slice(p),
         })
     });
