@@ -57,7 +57,7 @@ criterion_args=("$@")
     echo "# kernel: $(uname -r)"
     echo "# rustc: $(rustc --version)"
     echo "# commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src benches 2>/dev/null || echo ' (+ uncommitted changes)')"
-    echo "# simd: $(grep -o -w -m1 avx2 /proc/cpuinfo || echo 'no avx2') (the KL and norm loops dispatch to an AVX2 clone at run time when present)"
+    echo "# simd: $(grep -o -w -m1 avx2 /proc/cpuinfo || echo 'no avx2') (the KL, norm and perturbation loops dispatch to an AVX2 clone at run time when present)"
     echo "# rustflags: ${RUSTFLAGS:-(none)}"
     echo "# transparent huge pages: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo unknown) (CPU bench buffers are madvised, like numpy's arrays)"
     echo "# load before: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -150,8 +150,22 @@ def cpu_section(path):
         f"{head.get('load after', '?')}: on a shared machine, other jobs compete for the cores, so each "
         "comparison is run back to back (numpy copy, copy, perturb/restore; numpy norm, norm; numpy KL, KL), "
         f"the whole sequence {max([r.get('rounds', 1) for r in crit.values()] + [1])} times, and each "
-        "benchmark's fastest round is shown (the one other jobs disturbed least).",
+        "benchmark's fastest round is shown (the one other jobs disturbed least). Benchmarks with a "
+        "single round (EMA, noise, the optimizer in the newer logs) ran once, after the rounds.",
         "",
+    ]
+    setup = [
+        f"{label}: {head[key]}."
+        for key, label in (
+            ("simd", "SIMD"),
+            ("rustflags", "RUSTFLAGS"),
+            ("transparent huge pages", "Transparent huge pages"),
+        )
+        if key in head
+    ]
+    if setup:
+        lines += [" ".join(setup), ""]
+    lines += [
         f"Copy bandwidth (the 100% line): the fastest copy of the run, {copy_id} at "
         f"{fmt_gbps(copy) if copy else '?'} GB/s, bytes read + written. "
         "Bytes per element are the floors of shared/notes/byte-budgets.md; numpy baselines "
