@@ -257,6 +257,25 @@ fn check_shapes<G>(
     Ok(())
 }
 
+/// The checks every `*_with` path makes (settings, shapes against the second
+/// buffer set `what`, the norm), then the plan for `norm` and `rho`.
+#[allow(clippy::too_many_arguments)]
+fn checked_plan<G>(
+    what: &str,
+    lens: &[usize],
+    other: &[usize],
+    grads: &[Option<&[G]>],
+    geometry: Geometry,
+    inv_scale: f32,
+    norm: f64,
+    rho: f64,
+) -> Result<PerturbReport> {
+    check_settings(geometry, inv_scale)?;
+    check_shapes(what, lens, other, grads)?;
+    check_norm(norm)?;
+    Ok(plan(norm, rho))
+}
+
 /// In place with a backup: `backups[i] ← θ_i` bit-exact for every tensor (with or
 /// without a gradient, applied or not), then `θ_i ← round(θ_i + ε_i)` for tensors
 /// with a gradient when the status is `APPLIED`.
@@ -293,12 +312,11 @@ pub fn perturb_with<P: Element, G: Element>(
     norm: f64,
     rho: f64,
 ) -> Result<PerturbReport> {
-    check_settings(geometry, inv_scale)?;
     let lens: Vec<usize> = params.iter().map(|p| p.len()).collect();
     let blens: Vec<usize> = backups.iter().map(|b| b.len()).collect();
-    check_shapes("backup", &lens, &blens, grads)?;
-    check_norm(norm)?;
-    let report = plan(norm, rho);
+    let report = checked_plan(
+        "backup", &lens, &blens, grads, geometry, inv_scale, norm, rho,
+    )?;
     let applied = report.status.applied();
 
     let mut work: Vec<InPlaceItem<P, G>> = Vec::new();
@@ -318,7 +336,6 @@ pub fn perturb_with<P: Element, G: Element>(
     with_update!(geometry, inv_scale as f64, report.coef, |f| {
         work.into_par_iter().for_each(|(p, g, b)| match g {
             // One pass: read θ once, write the backup and θ + ε.
-            // Block by block: back up θ, then write θ + ε computed from the backup.
             Some(g) => update_chunk_in_place(p, g, b, &f),
             None => b.copy_from_slice(p),
         })
@@ -357,12 +374,18 @@ pub fn perturb_master_with<P: Element, G: Element>(
     norm: f64,
     rho: f64,
 ) -> Result<PerturbReport> {
-    check_settings(geometry, inv_scale)?;
     let lens: Vec<usize> = master.iter().map(|p| p.len()).collect();
     let wlens: Vec<usize> = working.iter().map(|w| w.len()).collect();
-    check_shapes("working copy", &lens, &wlens, grads)?;
-    check_norm(norm)?;
-    let report = plan(norm, rho);
+    let report = checked_plan(
+        "working copy",
+        &lens,
+        &wlens,
+        grads,
+        geometry,
+        inv_scale,
+        norm,
+        rho,
+    )?;
     if !report.status.applied() {
         return Ok(report);
     }
@@ -413,12 +436,11 @@ pub fn perturb_out_of_place_with<P: Element, G: Element>(
     norm: f64,
     rho: f64,
 ) -> Result<PerturbReport> {
-    check_settings(geometry, inv_scale)?;
     let lens: Vec<usize> = params.iter().map(|p| p.len()).collect();
     let olens: Vec<usize> = out.iter().map(|o| o.len()).collect();
-    check_shapes("output", &lens, &olens, grads)?;
-    check_norm(norm)?;
-    let report = plan(norm, rho);
+    let report = checked_plan(
+        "output", &lens, &olens, grads, geometry, inv_scale, norm, rho,
+    )?;
     let applied = report.status.applied();
 
     let mut work: Vec<OutItem<P, G>> = Vec::new();
