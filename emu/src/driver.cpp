@@ -386,6 +386,31 @@ GraphMemory::~GraphMemory() {
     for (CUdeviceptr p : ptrs) device_free_now(p);
 }
 
+// A memset; zeros over whole pages of a lazy allocation give the pages back
+// instead (they read as zero again), so clearing a huge buffer costs nothing.
+void device_memset(CUdeviceptr p, unsigned char v, size_t n) {
+    bool lazy = false;
+    {
+        std::lock_guard<std::recursive_mutex> g(g_mu);
+        const Alloc* a = find_alloc(p, n);
+        lazy = a && a->lazy;
+    }
+    unsigned char* b = (unsigned char*)(uintptr_t)p;
+    if (v != 0 || !lazy) {
+        memset(b, v, n);
+        return;
+    }
+    const uintptr_t page = 4096;
+    uintptr_t lo = ((uintptr_t)b + page - 1) & ~(page - 1), hi = ((uintptr_t)b + n) & ~(page - 1);
+    if (hi <= lo) {
+        memset(b, 0, n);
+        return;
+    }
+    memset(b, 0, lo - (uintptr_t)b);
+    madvise((void*)lo, hi - lo, MADV_DONTNEED);
+    memset((void*)hi, 0, (uintptr_t)b + n - hi);
+}
+
 // ---------------------------------------------------------------------------
 // Checks shared by the entry points.
 
@@ -469,7 +494,7 @@ void run_op(Stream* s, Op& op) {
             run_launch(op.launch);
             break;
         case Op::Memset:
-            memset((void*)(uintptr_t)op.dst, op.value, op.bytes);
+            device_memset(op.dst, op.value, op.bytes);
             break;
         case Op::HtoD:
             memcpy((void*)(uintptr_t)op.dst, op.staged.data(), op.bytes);

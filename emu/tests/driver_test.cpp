@@ -697,7 +697,8 @@ bool sanitized() {
     return v && !strcmp(v, "sanitize");
 }
 
-// Each in-kernel error stops the process and names the kernel, block, thread.
+// Each in-kernel error stops the process and names the kernel, block, thread
+// (run in order, so that each is met the same way under every schedule).
 void kernel_errors_stop_the_process() {
     struct Case {
         const char* kernel;
@@ -711,7 +712,7 @@ void kernel_errors_stop_the_process() {
         {"emutest_wild", sanitized() ? "AddressSanitizer" : "memory fault"},
     };
     for (const Case& c : cases) {
-        Outcome o = spawn(std::string("kernel:") + c.kernel, {});
+        Outcome o = spawn(std::string("kernel:") + c.kernel, {"TRAM_EMU_SCHEDULE=in-order"});
         const bool named = o.err.find(std::string("in kernel ") + c.kernel) != std::string::npos &&
                            o.err.find("block (0,0,0)") != std::string::npos &&
                            o.err.find("thread (") != std::string::npos;
@@ -721,7 +722,7 @@ void kernel_errors_stop_the_process() {
                  c.kernel, c.says, o.status, o.err.c_str());
     }
     // One element past the end of an allocation: the sanitizer build sees it.
-    Outcome o = spawn("kernel:emutest_past_end", {});
+    Outcome o = spawn("kernel:emutest_past_end", {"TRAM_EMU_SCHEDULE=in-order"});
     if (sanitized()) {
         if (!stopped(o) || o.err.find("heap-buffer-overflow") == std::string::npos ||
             o.err.find("emutest_past_end") == std::string::npos)
@@ -730,7 +731,7 @@ void kernel_errors_stop_the_process() {
     } else if (o.status != 0) {
         fail("past_end (not sanitized) should run to the end; status %d:\n%s", o.status, o.err.c_str());
     }
-    o = spawn("use_after_free", {});
+    o = spawn("use_after_free", {"TRAM_EMU_SCHEDULE=in-order"});
     if (sanitized()) {
         if (!stopped(o) || o.err.find("heap-use-after-free") == std::string::npos)
             fail("use after free: expected ASan's report; status %d, stderr:\n%s", o.status, o.err.c_str());
