@@ -7,6 +7,7 @@ mod fatbin;
 pub mod grad_norm;
 pub mod group;
 pub mod kl_div;
+mod libcuda;
 pub mod noise;
 pub mod optimizer;
 pub mod perturb;
@@ -185,9 +186,7 @@ fn check_ptx_built() -> Result<()> {
 /// cudarc panics (rather than returning an error) when libcuda cannot be
 /// loaded or lacks a symbol; turn that into our error.
 fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
-    // SAFETY: `is_culib_present` only tries to dlopen the driver library by
-    // name and drops the handle; it has no preconditions.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !libcuda::present() {
         return Err(Error::CudaUnavailable(
             "the CUDA driver library (libcuda) could not be loaded: is there an NVIDIA driver?"
                 .into(),
