@@ -98,10 +98,14 @@ __device__ __forceinline__ void norm_chunk(const T* th, const G* g, MtSpan span,
 // theta_slot: where θ is read for the adaptive geometry (the params, or the
 // f32 master weights). partials: 2 * gridDim.x doubles (the block sums, then
 // the blocks' found-inf flags as 0/1); counter: zero on entry, left zero.
+// inv_scale_dev: null, or the inverse scale in device memory, read instead of
+// `inv_scale` (a replayed graph then follows the host's loss scaler).
 template <typename T, typename G>
 __device__ void grad_norm(const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,
-                          uint32_t theta_slot, uint32_t geometry, float eta, float inv_scale,
-                          double* partials, uint32_t* counter, NormState* state) {
+                          uint32_t theta_slot, uint32_t geometry, float eta, float inv_scale_arg,
+                          double* partials, uint32_t* counter, NormState* state,
+                          const float* inv_scale_dev) {
+    const float inv_scale = inv_scale_dev != nullptr ? *inv_scale_dev : inv_scale_arg;
     __shared__ double scratch[32];
     __shared__ bool last;
     double acc = 0.0;
@@ -153,9 +157,9 @@ __device__ void grad_norm(const MtTensor* tensors, const MtChunk* chunks, const 
     extern "C" __global__ void __launch_bounds__(NORM_THREADS) grad_norm_##TN##_##GN(           \
         const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,               \
         uint32_t theta_slot, uint32_t geometry, float eta, float inv_scale, double* partials,   \
-        uint32_t* counter, NormState* state) {                                                  \
+        uint32_t* counter, NormState* state, const float* inv_scale_dev) {                      \
         grad_norm<T, G>(tensors, chunks, n_chunks, theta_slot, geometry, eta, inv_scale,        \
-                        partials, counter, state);                                              \
+                        partials, counter, state, inv_scale_dev);                               \
     }
 
 // θ type (params, or f32 master) x gradient type.

@@ -112,11 +112,13 @@ __device__ __forceinline__ void perturb_dispatch(uint32_t geometry, const TH* th
 // radius_kind: RADIUS_FIXED (ρ = r) or trust region (ρ = r·*divergence), where r is
 // *radius_dev when given (device memory, so a replayed graph sees the value the
 // host last wrote there) and the by-value `radius` otherwise (frozen into a graph).
+// The inverse scale likewise: *inv_scale_dev when given, else `inv_scale_arg`.
 template <typename P, typename G, int MODE>
 __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,
-                        uint32_t geometry, float eta, float inv_scale, uint32_t radius_kind,
+                        uint32_t geometry, float eta, float inv_scale_arg, uint32_t radius_kind,
                         float radius, const float* radius_dev, const float* divergence,
-                        NormState* state) {
+                        NormState* state, const float* inv_scale_dev) {
+    const float inv_scale = inv_scale_dev != nullptr ? *inv_scale_dev : inv_scale_arg;
     __shared__ double s_c;
     __shared__ uint32_t s_status;
     if (threadIdx.x == 0) {
@@ -187,9 +189,10 @@ __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const ui
     extern "C" __global__ void __launch_bounds__(PERTURB_THREADS, 4) perturb_##MN##_##PN##_##GN(    \
         const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,               \
         uint32_t geometry, float eta, float inv_scale, uint32_t radius_kind, float radius,      \
-        const float* radius_dev, const float* divergence, NormState* state) {                   \
+        const float* radius_dev, const float* divergence, NormState* state,                      \
+        const float* inv_scale_dev) {                                                           \
         perturb<P, G, MODE>(tensors, chunks, n_chunks, geometry, eta, inv_scale, radius_kind,   \
-                            radius, radius_dev, divergence, state);                             \
+                            radius, radius_dev, divergence, state, inv_scale_dev);              \
     }
 #define PERTURB_MODES(PN, GN, P, G)                                \
     PERTURB(in_place, PERTURB_IN_PLACE, PN, GN, P, G)              \

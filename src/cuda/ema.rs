@@ -10,6 +10,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
+use super::buffer::DevRef;
 use super::group::{MtChunk, MtTensor, BLOCK_THREADS};
 use super::optimizer::chunks_of;
 use super::CudaBackend;
@@ -39,8 +40,11 @@ pub struct DeviceEmaTensor<'a, T, P> {
 #[derive(Debug)]
 pub struct EmaGroup<'a> {
     rows: Vec<MtTensor>,
-    table: CudaSlice<MtTensor>,
-    chunks: CudaSlice<MtChunk>,
+    _table: CudaSlice<MtTensor>,
+    _chunks: CudaSlice<MtChunk>,
+    /// Addresses of the two buffers above, taken once (capturable launches).
+    table_ptr: u64,
+    chunks_ptr: u64,
     n_chunks: u32,
     target: DType,
     theta: DType,
@@ -113,7 +117,11 @@ fn build(
     ensure!(!tensors.is_empty(), "the EMA group is empty");
     let mut table = Vec::with_capacity(tensors.len());
     for (i, t) in tensors.iter().enumerate() {
-        ensure!(t.target != 0 && t.theta != 0, "tensor {i}: null address");
+        // An empty tensor is skipped: any address will do, null included.
+        ensure!(
+            t.len == 0 || (t.target != 0 && t.theta != 0),
+            "tensor {i}: null address"
+        );
         ensure!(
             t.target % target.size() as u64 == 0 && t.theta % theta.size() as u64 == 0,
             "tensor {i}: an address is not aligned to its element size"
@@ -126,10 +134,14 @@ fn build(
     }
     let (chunks, n_chunks) = chunks_of(&table)?;
     let stream = backend.stream();
+    let table_dev = stream.clone_htod(&table)?;
+    let chunks_dev = stream.clone_htod(&chunks)?;
     Ok(EmaGroup {
-        table: stream.clone_htod(&table)?,
+        table_ptr: DevRef::new(&table_dev).ptr(),
+        chunks_ptr: DevRef::new(&chunks_dev).ptr(),
+        _table: table_dev,
         rows: table,
-        chunks: stream.clone_htod(&chunks)?,
+        _chunks: chunks_dev,
         n_chunks,
         target,
         theta,
@@ -155,8 +167,8 @@ pub fn ema_update(backend: &CudaBackend, group: &EmaGroup<'_>, lambda: f32) -> R
         shared_mem_bytes: 0,
     };
     let mut b = backend.stream().launch_builder(f);
-    b.arg(&group.table)
-        .arg(&group.chunks)
+    b.arg(&group.table_ptr)
+        .arg(&group.chunks_ptr)
         .arg(&group.n_chunks)
         .arg(&lambda);
     // SAFETY: the table (MtTensor rows) and chunk list (MtChunk)

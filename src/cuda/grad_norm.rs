@@ -64,6 +64,27 @@ pub(crate) fn check_geometry(geometry: Geometry, inv_scale: f32) -> Result<()> {
 /// group's [`NormState`]. One launch; no allocation, no host sync. With
 /// master weights the adaptive geometry reads θ from the f32 master copy.
 pub fn grad_norm(backend: &CudaBackend, group: &ParamGroup<'_>, opts: NormOptions) -> Result<()> {
+    launch(backend, group, opts, 0)
+}
+
+/// [`grad_norm`] with the inverse scale read from device memory at run time
+/// (`inv_scale_dev`: the address of an f32 the caller keeps alive, e.g. a
+/// step's); `opts.inv_scale` is its current value, checked here.
+pub(crate) fn grad_norm_device_scale(
+    backend: &CudaBackend,
+    group: &ParamGroup<'_>,
+    opts: NormOptions,
+    inv_scale_dev: u64,
+) -> Result<()> {
+    launch(backend, group, opts, inv_scale_dev)
+}
+
+fn launch(
+    backend: &CudaBackend,
+    group: &ParamGroup<'_>,
+    opts: NormOptions,
+    inv_scale_dev: u64,
+) -> Result<()> {
     group.check_backend(backend)?;
     check_geometry(opts.geometry, opts.inv_scale)?;
     let (theta, slot) = if group.roles().master {
@@ -89,7 +110,8 @@ pub fn grad_norm(backend: &CudaBackend, group: &ParamGroup<'_>, opts: NormOption
         .arg(&opts.inv_scale)
         .arg(&partials)
         .arg(&counter)
-        .arg(&state);
+        .arg(&state)
+        .arg(&inv_scale_dev);
     let cfg = LaunchConfig {
         grid_dim: (group.norm_grid(), 1, 1),
         block_dim: (BLOCK_THREADS, 1, 1),
@@ -97,7 +119,8 @@ pub fn grad_norm(backend: &CudaBackend, group: &ParamGroup<'_>, opts: NormOption
     };
     // SAFETY: the arguments match `grad_norm_<θ>_<g>` in kernels/grad_norm.cu
     // (three u64 table addresses, u32 slot and geometry, f32 η and scale, three
-    // u64 workspace addresses). The table's addresses were validated when the
+    // u64 workspace addresses, an optional f32 scale address: 0, or one its
+    // caller keeps alive). The table's addresses were validated when the
     // group was built and stay live for its lifetime ('a, or the `from_raw`
     // contract); `partials` holds 2·`norm_grid` doubles for the grid launched here.
     unsafe { b.launch(cfg) }?;

@@ -374,7 +374,7 @@ pub struct ParamGroup<'a> {
     chunks: ChunkMap,
     stream: Arc<CudaStream>,
     // Owned device buffers, used through `addrs`.
-    _table_dev: CudaSlice<MtTensor>,
+    table_dev: CudaSlice<MtTensor>,
     chunks_dev: CudaSlice<MtChunk>,
     n_chunks_dev: CudaSlice<u32>,
     _partials: CudaSlice<f64>,
@@ -482,6 +482,24 @@ impl<'a> ParamGroup<'a> {
         tensors: &[RawTensor],
     ) -> Result<Self> {
         let (table, roles) = describe(param_dtype, grad_dtype, tensors)?;
+        Self::from_table(backend, param_dtype, grad_dtype, roles, table)
+    }
+
+    /// A group over table rows its caller validated as [`describe`] does
+    /// (the TRAM step, which checks its one description of every role): a
+    /// gradient slot may be 0 for a tensor that never has a gradient, which
+    /// the caller keeps out of the active chunks.
+    pub(crate) fn from_table(
+        backend: &CudaBackend,
+        param_dtype: DType,
+        grad_dtype: DType,
+        roles: Roles,
+        table: Vec<MtTensor>,
+    ) -> Result<Self> {
+        ensure!(
+            !table.is_empty(),
+            "a parameter group needs at least one tensor"
+        );
         let lens: Vec<u64> = table.iter().map(|t| t.len).collect();
         let has_grad = vec![true; lens.len()];
         let chunks = chunk_map(&lens, &has_grad)?;
@@ -503,12 +521,16 @@ impl<'a> ParamGroup<'a> {
             Ok(sm * per_sm.clamp(1, 8))
         };
         let (p, g) = (param_dtype.name(), grad_dtype.name());
-        let norm_grid = grid_of(format!("grad_norm_{}_{g}", theta.name()))?;
+        // No more blocks than chunks: the others would find no work (every
+        // grid still walks the list with a stride, and the norm's sum order
+        // depends only on the group).
+        let n_chunks = (chunks.chunks.len() as u32).max(1);
+        let norm_grid = grid_of(format!("grad_norm_{}_{g}", theta.name()))?.min(n_chunks);
         let mut perturb_grid = [0; 3];
         for (grid, mode) in perturb_grid.iter_mut().zip(PerturbMode::ALL) {
-            *grid = grid_of(format!("perturb_{}_{p}_{g}", mode.kernel_name()))?;
+            *grid = grid_of(format!("perturb_{}_{p}_{g}", mode.kernel_name()))?.min(n_chunks);
         }
-        let restore_grid = grid_of(format!("restore_b{}", 8 * param_dtype.size()))?;
+        let restore_grid = grid_of(format!("restore_b{}", 8 * param_dtype.size()))?.min(n_chunks);
 
         let table_dev = stream.clone_htod(&table)?;
         // Every chunk is in the list, so toggling gradients only reorders it.
@@ -516,9 +538,11 @@ impl<'a> ParamGroup<'a> {
         if !chunks.chunks.is_empty() {
             stream.memcpy_htod(&chunks.chunks, &mut chunks_dev)?;
         }
-        // [chunks with a gradient, all chunks]
-        let n_chunks_dev =
-            stream.clone_htod(&[chunks.active as u32, chunks.chunks.len() as u32])?;
+        // [chunks with a gradient, all chunks] as the kernels read them, then
+        // the same pair again: a TRAM step's gate zeroes the first pair for
+        // a first step it refuses and copies the second back for the next.
+        let counts = [chunks.active as u32, chunks.chunks.len() as u32];
+        let n_chunks_dev = stream.clone_htod(&[counts[0], counts[1], counts[0], counts[1]])?;
         // One sum and one found-inf flag per block.
         let partials = stream.alloc_zeros::<f64>(2 * norm_grid as usize)?;
         let counter = stream.alloc_zeros::<u32>(1)?;
@@ -539,7 +563,7 @@ impl<'a> ParamGroup<'a> {
             has_grad,
             chunks,
             stream,
-            _table_dev: table_dev,
+            table_dev,
             chunks_dev,
             n_chunks_dev,
             _partials: partials,
@@ -565,10 +589,23 @@ impl<'a> ParamGroup<'a> {
             self.stream
                 .memcpy_htod(&chunks.chunks, &mut self.chunks_dev)?;
         }
-        let counts = [chunks.active as u32, chunks.chunks.len() as u32];
-        self.stream.memcpy_htod(&counts, &mut self.n_chunks_dev)?;
+        let (a, n) = (chunks.active as u32, chunks.chunks.len() as u32);
+        self.stream
+            .memcpy_htod(&[a, n, a, n], &mut self.n_chunks_dev)?;
         self.chunks = chunks;
         self.has_grad.copy_from_slice(has_grad);
+        Ok(())
+    }
+
+    /// Replaces the table's rows with rows of the same lengths (new
+    /// addresses; validated by the caller): an async copy into the same
+    /// device table, which launches enqueued (or replayed) after it read.
+    pub(crate) fn rewrite_table(&mut self, rows: &[MtTensor]) -> Result<()> {
+        ensure!(
+            rows.len() == self.lens.len() && rows.iter().zip(&self.lens).all(|(r, &l)| r.len == l),
+            "a group's table can only be rewritten with tensors of the same lengths"
+        );
+        self.stream.memcpy_htod(rows, &mut self.table_dev)?;
         Ok(())
     }
 

@@ -62,6 +62,7 @@ use cudarc::driver::{
     CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
+use super::buffer::{DevMut, DevRef};
 use super::CudaBackend;
 use crate::config::{KlDirection, KlOptions, Reduction};
 use crate::dtype::{DType, Element};
@@ -161,6 +162,17 @@ pub struct KlWorkspace {
     /// [value (f64), unmasked rows, the reduction's scale, 0].
     scalars: CudaSlice<f64>,
     value: CudaSlice<f32>,
+    /// Addresses of the four buffers above, taken once: launches pass them
+    /// as plain arguments (no event bookkeeping, capturable).
+    addrs: WsAddrs,
+}
+
+#[derive(Clone, Copy)]
+struct WsAddrs {
+    stats: u64,
+    partials: u64,
+    scalars: u64,
+    value: u64,
 }
 
 impl std::fmt::Debug for KlWorkspace {
@@ -199,14 +211,31 @@ impl KlWorkspace {
         ensure!(max_rows > 0, "KlWorkspace needs max_rows > 0");
         let stream = backend.stream();
         let partial_cap = partials_capacity(backend.sm_count());
+        let stats = stream.alloc_zeros::<u8>(max_rows * std::mem::size_of::<RowStats>())?;
+        let partials = stream.alloc_zeros::<u8>(partial_cap * PARTIAL_BYTES)?;
+        let scalars = stream.alloc_zeros::<f64>(4)?;
+        let value = stream.alloc_zeros::<f32>(1)?;
+        let addrs = WsAddrs {
+            stats: DevRef::new(&stats).ptr(),
+            partials: DevRef::new(&partials).ptr(),
+            scalars: DevRef::new(&scalars).ptr(),
+            value: DevRef::new(&value).ptr(),
+        };
         Ok(Self {
             max_rows,
             partial_cap,
-            stats: stream.alloc_zeros::<u8>(max_rows * std::mem::size_of::<RowStats>())?,
-            partials: stream.alloc_zeros::<u8>(partial_cap * PARTIAL_BYTES)?,
-            scalars: stream.alloc_zeros::<f64>(4)?,
-            value: stream.alloc_zeros::<f32>(1)?,
+            stats,
+            partials,
+            scalars,
+            value,
+            addrs,
         })
+    }
+
+    /// The device address of [`KlWorkspace::value`] (one f32), for launches
+    /// that read the divergence (the perturbation).
+    pub fn value_ptr(&self) -> u64 {
+        self.addrs.value
     }
 
     /// The largest row count this workspace serves.
@@ -263,8 +292,12 @@ impl KlWorkspace {
 
 /// A row-major logit matrix on the device: `rows × vocab`, row `r` starting at
 /// element `r · row_stride` of `data`.
+///
+/// The address is taken when the view is built (see [`DevRef`]): build it
+/// before a CUDA graph capture begins.
+#[derive(Clone, Copy)]
 pub struct DeviceLogits<'a, T> {
-    data: CudaView<'a, T>,
+    data: DevRef<'a, T>,
     rows: usize,
     vocab: usize,
     row_stride: usize,
@@ -304,18 +337,36 @@ impl<'a, T> DeviceLogits<'a, T> {
         vocab: usize,
         row_stride: usize,
     ) -> Result<Self> {
+        Self::from_ref(DevRef::from_view(data), rows, vocab, row_stride)
+    }
+
+    /// A dense view (`row_stride = vocab`).
+    pub fn dense(data: CudaView<'a, T>, rows: usize, vocab: usize) -> Result<Self> {
+        Self::new(data, rows, vocab, vocab)
+    }
+
+    /// A strided matrix over a buffer by address ([`DevRef::from_raw`] for a
+    /// framework's storage); `Err` when the shape does not fit in it or the
+    /// address is null or misaligned.
+    pub fn from_ref(
+        data: DevRef<'a, T>,
+        rows: usize,
+        vocab: usize,
+        row_stride: usize,
+    ) -> Result<Self> {
         check_shape("logits", rows, vocab, row_stride, data.len())?;
+        let size = std::mem::size_of::<T>() as u64;
+        ensure!(
+            rows == 0 || (data.ptr() != 0 && data.ptr() % size == 0),
+            "logits: address {:#x} is null or not aligned to its {size}-byte elements",
+            data.ptr()
+        );
         Ok(Self {
             data,
             rows,
             vocab,
             row_stride,
         })
-    }
-
-    /// A dense view (`row_stride = vocab`).
-    pub fn dense(data: CudaView<'a, T>, rows: usize, vocab: usize) -> Result<Self> {
-        Self::new(data, rows, vocab, vocab)
     }
 
     pub fn rows(&self) -> usize {
@@ -331,15 +382,19 @@ impl<'a, T> DeviceLogits<'a, T> {
 
 /// A gradient output: `rows × vocab` elements with their own row stride.
 pub struct GradOut<'a, T> {
-    data: CudaViewMut<'a, T>,
+    data: DevMut<'a, T>,
     row_stride: usize,
 }
 
 impl<'a, T> GradOut<'a, T> {
     /// Row `r` is written at elements `r · row_stride ..` of `data` (`row_stride`
-    /// must be at least the vocabulary; checked at the call).
+    /// must be at least the vocabulary; checked at the call). The address is
+    /// taken here (see [`DevMut`]).
     pub fn new(data: CudaViewMut<'a, T>, row_stride: usize) -> Self {
-        Self { data, row_stride }
+        Self {
+            data: DevMut::from_view(data),
+            row_stride,
+        }
     }
 }
 
@@ -436,10 +491,10 @@ fn run_safe<T: Element>(
         );
     }
     let stream = backend.stream();
-    // The guards order these buffers' other users against the launches; they
-    // must live until the launches are enqueued (end of this function).
-    let (pa, _ga) = target.data.device_ptr(stream);
-    let (pb, _gb) = model.data.device_ptr(stream);
+    // The logits' addresses were taken when they were described. The mask
+    // and per-row views are cudarc's at this call: their guards order them
+    // against the launches and must live until the launches are enqueued.
+    let (pa, pb) = (target.data.ptr(), model.data.ptr());
     let (pm, _gm) = match mask {
         Some(m) => {
             let (p, g) = m.device_ptr(stream);
@@ -465,13 +520,14 @@ fn run_safe<T: Element>(
     let model_raw = raw(model, pb);
     match grads {
         None => {
-            // SAFETY: the pointers come from live cudarc views whose lengths
-            // `DeviceLogits::new` and the checks above matched to the shape;
-            // the guards keep cudarc's stream ordering until the launches
-            // are enqueued; no output aliases an input.
+            // SAFETY: the logits' addresses come from `DevRef`s that borrow
+            // live buffers (or whose `from_raw` caller vouched for them), with
+            // lengths `DeviceLogits::from_ref` and the checks above matched to
+            // the shape; the mask and per-row guards keep cudarc's ordering
+            // until the launches are enqueued; no output aliases an input.
             unsafe { launch(backend, target_raw, model_raw, pm, opts, ws, pr, None) }
         }
-        Some(mut g) => {
+        Some(g) => {
             let check_out = |what: &str, o: &GradOut<'_, T>| {
                 check_shape(what, rows, target.vocab, o.row_stride, o.data.len())
             };
@@ -479,16 +535,8 @@ fn run_safe<T: Element>(
             if let Some(t) = g.target.as_ref() {
                 check_out("target gradient", t)?;
             }
-            let model_stride = g.model.row_stride;
-            let (gm_ptr, _ggm) = g.model.data.device_ptr_mut(stream);
-            let (gt_ptr, _ggt) = match g.target.as_mut() {
-                Some(t) => {
-                    let stride = t.row_stride;
-                    let (p, guard) = t.data.device_ptr_mut(stream);
-                    (Some((p, stride)), Some(guard))
-                }
-                None => (None, None),
-            };
+            let gm_ptr = g.model.data.ptr();
+            let gt_ptr = g.target.as_ref().map(|t| (t.data.ptr(), t.row_stride));
             let (pu, _gu) = match g.upstream_device {
                 Some(u) => {
                     ensure!(!u.is_empty(), "upstream device scalar is empty");
@@ -498,16 +546,62 @@ fn run_safe<T: Element>(
                 None => (None, None),
             };
             let rg = RawGrads {
-                model: (gm_ptr, model_stride),
+                model: (gm_ptr, g.model.row_stride),
                 target: gt_ptr,
                 upstream: g.upstream,
                 upstream_device: pu,
             };
-            // SAFETY: as above; the gradient outputs are `CudaViewMut`s, so
-            // the borrow checker rules out any overlap with the inputs or
-            // each other, and their lengths were checked against the shape.
+            // SAFETY: as above; the gradient outputs are `DevMut`s, whose
+            // mutable borrows (or `from_raw` contracts) rule out any overlap
+            // with the inputs or each other, and their lengths were checked
+            // against the shape.
             unsafe { launch(backend, target_raw, model_raw, pm, opts, ws, pr, Some(rg)) }
         }
+    }
+}
+
+/// The loss of a TRAM step's first step: the reduced value into the
+/// workspace, over logits and a mask described by address (no cudarc access:
+/// capturable).
+pub(crate) fn kl_div_step<T: Element>(
+    backend: &CudaBackend,
+    target: &DeviceLogits<'_, T>,
+    model: &DeviceLogits<'_, T>,
+    mask: Option<&DevRef<'_, u8>>,
+    opts: &KlOptions,
+    ws: &mut KlWorkspace,
+) -> Result<()> {
+    let rows = target.rows;
+    if let Some(m) = mask {
+        ensure!(
+            m.len() == rows,
+            "mask has {} bytes for {rows} rows",
+            m.len()
+        );
+        ensure!(rows == 0 || m.ptr() != 0, "mask: null pointer");
+    }
+    let raw = |l: &DeviceLogits<'_, T>| RawLogits {
+        ptr: l.data.ptr(),
+        rows: l.rows,
+        vocab: l.vocab,
+        row_stride: l.row_stride,
+        dtype: T::DTYPE,
+    };
+    // SAFETY: the logits' and the mask's addresses come from `DevRef`s that
+    // borrow live buffers for this call (or whose `from_raw` callers vouched
+    // for them), with extents `DeviceLogits::from_ref` and the check above
+    // matched to the shape; nothing is written but the workspace.
+    unsafe {
+        launch(
+            backend,
+            raw(target),
+            raw(model),
+            mask.map(|m| m.ptr()),
+            opts,
+            ws,
+            None,
+            None,
+        )
     }
 }
 
@@ -638,10 +732,12 @@ unsafe fn launch(
     };
 
     let stream = backend.stream();
-    let (ws_stats, _g1) = ws.stats.device_ptr_mut(stream);
-    let (ws_partials, _g2) = ws.partials.device_ptr_mut(stream);
-    let (ws_scalars, _g3) = ws.scalars.device_ptr_mut(stream);
-    let (ws_value, _g4) = ws.value.device_ptr_mut(stream);
+    let WsAddrs {
+        stats: ws_stats,
+        partials: ws_partials,
+        scalars: ws_scalars,
+        value: ws_value,
+    } = ws.addrs;
 
     let mask_ptr = mask.unwrap_or(0);
     let a_stride = a.row_stride as i64;

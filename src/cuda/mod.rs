@@ -2,6 +2,7 @@
 //! caller's stream. Each operation has a launcher here beside its kernel file
 //! in `kernels/` and its CPU reference in `src/cpu/` (same file stem).
 
+pub mod buffer;
 pub mod ema;
 mod fatbin;
 pub mod grad_norm;
@@ -30,9 +31,34 @@ use crate::error::{Error, Result};
 /// Create it from a device ordinal ([`CudaBackend::new`]) or around a stream a
 /// framework already owns ([`CudaBackend::from_stream`]). Every launch goes on
 /// [`CudaBackend::stream`]; nothing here synchronises unless a method says so.
+/// Cloning is cheap (the loaded kernels are shared) and the clone launches on
+/// the same stream.
+///
+/// # Streams, events and CUDA graphs
+///
+/// Launches pass device addresses that were taken when a buffer was described
+/// (a [`buffer::DevRef`], a [`group::ParamGroup`], a [`step::TramStep`]'s
+/// tables...), never cudarc slices: a launch records and waits on no cudarc
+/// event, so it can be captured into a CUDA graph with event tracking on, as
+/// [`CudaBackend::new`] and [`CudaBackend::from_stream`] leave it. The price
+/// is that cudarc does not order buffers of **other** streams against these
+/// launches. The contract: every buffer a launch reads or writes is ordered
+/// with the backend's stream by the caller. Work on the backend's stream is
+/// ordered by the stream itself; for a buffer written on another stream, call
+/// [`CudaBackend::wait_for_stream`] after that write and before the launch,
+/// and before the other stream reuses or frees a buffer the launches touched
+/// (cudarc frees a `CudaSlice` on the stream it was allocated on), call
+/// [`CudaBackend::make_stream_wait`].
+///
+/// While a stream of the context is being captured, no thread may
+/// synchronise the context: `CudaContext::synchronize`, a synchronous copy or
+/// allocation in a global-mode capture, and the first `new_stream` of a
+/// `CudaContext` object (cudarc synchronises the context then, so
+/// [`CudaBackend::new`] on another thread invalidates the capture).
+#[derive(Clone)]
 pub struct CudaBackend {
     stream: Arc<CudaStream>,
-    functions: HashMap<String, CudaFunction>,
+    functions: Arc<HashMap<String, CudaFunction>>,
     sm_count: u32,
 }
 
@@ -91,7 +117,7 @@ impl CudaBackend {
         }
         Ok(Self {
             stream,
-            functions,
+            functions: Arc::new(functions),
             sm_count: sm_count.max(1) as u32,
         })
     }
@@ -114,6 +140,29 @@ impl CudaBackend {
     /// Waits for all work on the stream.
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
+    }
+
+    /// Makes the backend's stream wait for the work enqueued on `other` so
+    /// far (an event recorded on `other`, waited on here; the host does not
+    /// wait). Call it after writing a buffer on `other` (a gradient from
+    /// another stream) and before a launch that reads it. Not while the
+    /// backend's stream is being captured unless `other` captures too.
+    pub fn wait_for_stream(&self, other: &CudaStream) -> Result<()> {
+        if *other != *self.stream {
+            self.stream.join(other)?;
+        }
+        Ok(())
+    }
+
+    /// Makes `other` wait for the work enqueued on the backend's stream so
+    /// far. Call it before `other` reuses or frees a buffer that launches on
+    /// the backend's stream read or wrote: dropping a `CudaSlice` allocated
+    /// on `other` frees it on `other`, which does not wait for this stream.
+    pub fn make_stream_wait(&self, other: &CudaStream) -> Result<()> {
+        if *other != *self.stream {
+            other.join(&self.stream)?;
+        }
+        Ok(())
     }
 
     /// A loaded kernel by its `extern "C"` name.

@@ -188,7 +188,7 @@ pub fn perturb_device(
     // SAFETY: `d` as in `perturb`; the radius slot is owned by `radius`, which
     // the caller keeps alive across the launch by the borrow (and, for a
     // captured graph, by keeping it for as long as the graph is replayed).
-    unsafe { launch(backend, group, opts, radius.ptr(), d) }
+    unsafe { launch(backend, group, opts, radius.ptr(), d, 0) }
 }
 
 /// [`perturb`] with the divergence given as a raw device address.
@@ -205,7 +205,7 @@ pub unsafe fn perturb_raw(
 ) -> Result<()> {
     // SAFETY: no device radius (the value is passed by value); `divergence`
     // by this function's contract.
-    unsafe { launch(backend, group, opts, 0, divergence) }
+    unsafe { launch(backend, group, opts, 0, divergence, 0) }
 }
 
 /// [`perturb_raw`] with the radius scale read from `radius_dev` (an f32 in
@@ -225,19 +225,46 @@ pub unsafe fn perturb_raw_device(
 ) -> Result<()> {
     ensure!(radius_dev != 0, "the device radius address is null");
     // SAFETY: forwarded contract.
-    unsafe { launch(backend, group, opts, radius_dev, divergence) }
+    unsafe { launch(backend, group, opts, radius_dev, divergence, 0) }
 }
 
-/// `radius_dev` 0: the scale is `opts.radius`'s value.
+/// [`perturb_raw_device`] with the inverse scale read from `inv_scale_dev`
+/// as well (`opts.inv_scale` is its current value, checked here): a TRAM
+/// step's launch, which a replayed graph runs with the current scale.
 ///
 /// # Safety
-/// `divergence` as in [`perturb_raw`], `radius_dev` as in [`perturb_raw_device`] when non-zero.
+/// As [`perturb_raw_device`]; `inv_scale_dev` is the address of an f32 of
+/// the backend's context that stays allocated while the launch (or a graph
+/// of it) may run.
+pub(crate) unsafe fn perturb_step(
+    backend: &CudaBackend,
+    group: &ParamGroup<'_>,
+    opts: PerturbOptions,
+    radius_dev: u64,
+    divergence: u64,
+    inv_scale_dev: u64,
+) -> Result<()> {
+    ensure!(
+        radius_dev != 0 && inv_scale_dev != 0,
+        "the device radius or scale address is null"
+    );
+    // SAFETY: forwarded contract.
+    unsafe { launch(backend, group, opts, radius_dev, divergence, inv_scale_dev) }
+}
+
+/// `radius_dev` 0: the scale is `opts.radius`'s value; `inv_scale_dev` 0:
+/// the inverse scale is `opts.inv_scale`.
+///
+/// # Safety
+/// `divergence` as in [`perturb_raw`], `radius_dev` as in [`perturb_raw_device`]
+/// and `inv_scale_dev` as in [`perturb_step`] when non-zero.
 unsafe fn launch(
     backend: &CudaBackend,
     group: &ParamGroup<'_>,
     opts: PerturbOptions,
     radius_dev: u64,
     divergence: u64,
+    inv_scale_dev: u64,
 ) -> Result<()> {
     group.check_backend(backend)?;
     check_geometry(opts.geometry, opts.inv_scale)?;
@@ -286,7 +313,8 @@ unsafe fn launch(
         .arg(&value)
         .arg(&radius_dev)
         .arg(&divergence)
-        .arg(&state);
+        .arg(&state)
+        .arg(&inv_scale_dev);
     let cfg = LaunchConfig {
         grid_dim: (group.perturb_grid(opts.mode), 1, 1),
         block_dim: (BLOCK_THREADS, 1, 1),
