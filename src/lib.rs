@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod step;
 
 pub use config::{
     BaseOptimizer, Geometry, KlDirection, KlOptions, NoiseConfig, NoiseDistribution, PerturbStatus,
@@ -20,3 +21,4 @@ pub use config::{
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+pub use step::{StepReport, StepStatus, Tram, TramState};
