@@ -7,7 +7,9 @@
 //
 // Arithmetic is f64 with explicitly rounded intrinsics (no contraction into
 // FMA), in the order of `Scalars::apply` in src/cpu/optimizer.rs: both backends
-// store the same bits. The kernel stays memory-bound on H100/H200-class FP64.
+// store the same bits for finite values (a NaN comes out as the GPU's canonical
+// NaN, where the CPU keeps the input's payload). The kernel stays memory-bound
+// on H100/H200-class FP64.
 //
 // TRAM-θ's target upkeep can ride along (the `_ema_<t>` kernels): with the new
 // θ in registers, θ̄ ← λ·θ̄ + (1−λ)·θ costs only θ̄'s read and write (8 more

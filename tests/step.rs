@@ -1286,6 +1286,104 @@ mod gpu {
         gpu.context().check_err().expect("no deferred cudarc error");
     }
 
+    /// Buffers on another stream (§3 of issue 11): the launches record no
+    /// events, so the caller orders that stream with the backend's. With
+    /// `wait_for_stream` after writing a gradient there and
+    /// `make_stream_wait` before that stream overwrites or frees it, the
+    /// step equals the CPU's; under the emulator's deferred streams
+    /// (`TRAM_EMU_DEFERRED=1`, where a missing order shows as stale or
+    /// poisoned data) the same steps without them are shown to go wrong.
+    #[test]
+    fn buffers_on_other_streams_are_ordered_by_the_caller() {
+        let _serial = common::serial();
+        let gpu = gpu_or_skip!();
+        let host = Host::new(51);
+        let mut rng = SmallRng::seed_from_u64(52);
+        let g1: Vec<Vec<f32>> = SIZES.iter().map(|&n| rand_vec(&mut rng, n, 0.1)).collect();
+        let g2: Vec<Vec<f32>> = SIZES.iter().map(|&n| rand_vec(&mut rng, n, 0.1)).collect();
+        // The CPU reference of one iteration.
+        let mut want = host.clone();
+        let mut cs = cpu_step(&mut want, theta_cfg());
+        want.grads = g1.clone();
+        want.first(&mut cs).unwrap();
+        want.grads = g2.clone();
+        want.second(&mut cs).unwrap();
+
+        // `before`: the backend waits for the other stream's writes;
+        // `after`: the other stream waits for the step before it overwrites
+        // or frees the gradients.
+        let run = |before: bool, after: bool| -> (Host, StepStatus) {
+            let other = gpu.context().new_stream().unwrap();
+            let mut dev = Dev::new(&gpu, &host);
+            // The gradients live on the other stream, written there.
+            dev.grads = g1
+                .iter()
+                .map(|g| {
+                    if g.is_empty() {
+                        other.alloc_zeros(1).unwrap()
+                    } else {
+                        other.clone_htod(g).unwrap()
+                    }
+                })
+                .collect();
+            let mut step = gpu_step(&gpu, &mut dev, theta_cfg());
+            if before {
+                gpu.wait_for_stream(&other).unwrap();
+            }
+            dev.first(&mut step).unwrap();
+            if after {
+                gpu.make_stream_wait(&other).unwrap();
+            }
+            for (d, h) in dev.grads.iter_mut().zip(&g2) {
+                if !h.is_empty() {
+                    other.memcpy_htod(h, d).unwrap();
+                }
+            }
+            if before {
+                gpu.wait_for_stream(&other).unwrap();
+            }
+            step.second_step(&mut dev.tensors()).unwrap();
+            if after {
+                gpu.make_stream_wait(&other).unwrap();
+            }
+            // Freed on the other stream (cudarc frees a slice on its own).
+            dev.grads.clear();
+            // The host waits for one stream, then the other: under deferred
+            // streams each order runs the other stream's work only as far
+            // as the events let it, which is what shows a missing one.
+            if before {
+                other.synchronize().unwrap();
+                gpu.synchronize().unwrap();
+            } else {
+                gpu.synchronize().unwrap();
+                other.synchronize().unwrap();
+            }
+            let status = step.report().unwrap().status;
+            let mut got = dev.host(&gpu, &host);
+            got.grads = want.grads.clone();
+            (got, status)
+        };
+        let (got, status) = run(true, true);
+        assert_eq!(status, StepStatus(0));
+        assert_eq!(got.state_bits(), want.state_bits(), "ordered: θ, m, v, θ̄");
+        assert_eq!(bits(&got.backups), bits(&want.backups), "ordered: backups");
+        let deferred = std::env::var("TRAM_EMU_DEFERRED").is_ok_and(|v| v == "1");
+        if common::emulated(&gpu) && deferred {
+            for (before, after) in [(false, true), (true, false)] {
+                let (bad, status) = run(before, after);
+                assert!(
+                    bad.state_bits() != want.state_bits() || status != StepStatus(0),
+                    "without the ordering (before {before}, after {after}) the deferred \
+                     device should have shown stale or poisoned gradients"
+                );
+                common::log(format_args!(
+                    "deferred streams, ordering before {before} and after {after}: the step \
+                     saw {status:?} and θ, m, v or θ̄ differ from the CPU's"
+                ));
+            }
+        }
+    }
+
     /// The device keeps the phase: graphs replayed out of order are caught
     /// (PHASE_ERROR) and do no harm.
     #[test]

@@ -6,7 +6,9 @@
 //! extra. Arithmetic is f64 with every operation in a fixed order and no fused
 //! multiply-add; the CUDA kernel (`kernels/optimizer.cu`) performs the very same
 //! f64 operations with explicitly rounded intrinsics, so both backends store
-//! identical bits. Results are rounded once to the f32 state / master, and the
+//! identical bits for finite values. NaN inputs (θ, g, m or v) give NaN in the
+//! same elements on both, but a NaN result is NaN on both, but a GPU writes the canonical NaN where the CPU keeps an input's payload (tests/nan_inputs.rs); a
+//! TRAM step skips the update of an iteration with a non-finite gradient. Results are rounded once to the f32 state / master, and the
 //! working copy is rounded from that f32 value.
 //!
 //! Error bound against torch's algorithm evaluated in exact (f64) arithmetic on

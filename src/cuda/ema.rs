@@ -1,5 +1,6 @@
 //! Launcher of `kernels/ema.cu`: TRAM-θ's target θ̄ ← λ·θ̄ + (1−λ)·θ over a
-//! group in one launch (a `multi_tensor.cuh` table and chunk list). Same bits as `cpu::ema` (see there for the bound).
+//! group in one launch (a `multi_tensor.cuh` table and chunk list). Same bits as
+//! `cpu::ema` for finite values (see there for the bound and for NaNs).
 //! λ = 1 launches nothing (θ̄ unchanged bit for bit); λ is fixed configuration,
 //! passed by value (a captured graph keeps it, as it should).
 

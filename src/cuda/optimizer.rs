@@ -2,8 +2,9 @@
 //! backup or master, then AdamW or SGD) over a whole group in one launch, plus a
 //! one-thread launch that advances the step count on the device.
 //!
-//! Same semantics and same bits as `cpu::optimizer` (both evaluate the same f64
-//! operations in the same order); see there for the error bound.
+//! Same semantics and same bits as `cpu::optimizer` for finite values (both
+//! evaluate the same f64 operations in the same order); see there for the
+//! error bound and for NaNs.
 //!
 //! Per-step values live in device memory: the learning rate and the other
 //! hyperparameters in an 8-float block the host rewrites with an async copy
