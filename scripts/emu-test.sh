@@ -38,7 +38,14 @@ if [ "$variant" = sanitize ]; then
     runner="$runner UBSAN_OPTIONS=print_stacktrace=1:${UBSAN_OPTIONS:-}"
 fi
 
-$runner TRAM_EMU_KERNEL_LIBS="$lib/libtram_emu_testkernels.so" "$lib/driver_test"
+# The emulator's own tests print the refusals they provoke: shown in full only
+# when one fails.
+if ! selftest="$($runner TRAM_EMU_KERNEL_LIBS="$lib/libtram_emu_testkernels.so" "$lib/driver_test" 2>&1)"; then
+    echo "$selftest" >&2
+    echo "emu-test: the emulator's own tests failed" >&2
+    exit 1
+fi
+echo "$selftest" | tail -n 1 >&2
 
 host="$(rustc -vV | sed -n 's/^host: //p')"
 export "CARGO_TARGET_$(echo "$host" | tr 'a-z-' 'A-Z_')_RUNNER=$runner"

@@ -233,6 +233,10 @@ std::unordered_set<Capture*> g_captures;
 std::map<CUdeviceptr, Alloc> g_allocs;
 uint64_t g_used = 0;
 std::deque<std::pair<void*, size_t>> g_quarantine;
+// Destroyed streams and contexts are kept, emptied: another thread may still
+// be flushing a stream it looked up before the destruction.
+std::vector<std::unique_ptr<Stream>> g_dead_streams;
+std::vector<std::unique_ptr<Ctx>> g_dead_ctxs;
 size_t g_quarantine_bytes = 0;
 thread_local Ctx* tl_ctx = nullptr;
 thread_local Stream* tl_per_thread = nullptr;  // never freed: events may name it
@@ -554,12 +558,17 @@ void flush_all(Stream* s) { flush(s, UINT64_MAX); }
 // blocking stream for the legacy stream.
 void legacy_order(Stream* s) {
     if (!settings().deferred) return;
-    if (s->legacy) {
-        for (Stream* o : s->ctx->streams)
-            if (!(o->flags & CU_STREAM_NON_BLOCKING)) flush_all(o);
-    } else if (!(s->flags & CU_STREAM_NON_BLOCKING)) {
-        flush_all(s->ctx->legacy.get());
+    std::vector<Stream*> before;
+    {
+        std::lock_guard<std::recursive_mutex> g(g_mu);
+        if (s->legacy) {
+            for (Stream* o : s->ctx->streams)
+                if (!(o->flags & CU_STREAM_NON_BLOCKING)) before.push_back(o);
+        } else if (!(s->flags & CU_STREAM_NON_BLOCKING)) {
+            before.push_back(s->ctx->legacy.get());
+        }
     }
+    for (Stream* o : before) flush_all(o);
 }
 
 // Puts work on a stream: into its capture when it captures, else runs it now
@@ -603,7 +612,7 @@ void destroy_ctx(Ctx* c) {
     for (Stream* s : c->streams) {
         g_streams.erase(s);
         g_alive.erase(s);
-        delete s;
+        g_dead_streams.emplace_back(s);
     }
     g_alive.erase(c->legacy.get());
     for (Module* m : c->modules) {
@@ -618,8 +627,9 @@ void destroy_ctx(Ctx* c) {
     std::vector<CUdeviceptr> live;
     for (auto& a : g_allocs) live.push_back(a.first);
     for (CUdeviceptr p : live) device_free_now(p);
+    c->streams.clear();
     g_ctxs.erase(c);
-    delete c;
+    g_dead_ctxs.emplace_back(c);
 }
 
 }  // namespace
@@ -882,7 +892,7 @@ API CUresult cuStreamDestroy_v2(CUstream h) {
     s->ctx->streams.erase(s);
     g_streams.erase(s);
     g_alive.erase(s);
-    delete s;
+    g_dead_streams.emplace_back(s);
     return CUDA_SUCCESS;
 }
 

@@ -27,6 +27,7 @@ enum tram_emu_point_kind {
     TRAM_EMU_FENCE = 2,
     TRAM_EMU_LOAD_CG = 3,
     TRAM_EMU_STORE_CG = 4,
+    TRAM_EMU_ATOMIC_DONE = 5,  // just after an atomic took effect
 };
 
 // Kinds of warp shuffle.

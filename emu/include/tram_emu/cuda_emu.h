@@ -99,6 +99,9 @@ inline T atomic_rmw(const char* site, T* p, F f) {
     T next = f(old);
     while (!__atomic_compare_exchange(p, &old, &next, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
         next = f(old);
+    // The thread may stall right after its atomic too (a ticket taken, the
+    // work it orders not yet done).
+    tram_emu_point(TRAM_EMU_ATOMIC_DONE, p, sizeof(T), site);
     return old;
 }
 template <typename T, typename U>
