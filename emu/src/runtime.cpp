@@ -47,6 +47,8 @@
 
 namespace bc = boost::context::detail;
 
+extern "C" __attribute__((visibility("default"))) int tram_emu_watch_hinted = 0;
+
 namespace emu {
 
 // ---------------------------------------------------------------------------
@@ -108,7 +110,11 @@ std::string Settings::describe() const {
 }
 
 const Settings& settings() {
-    static const Settings s = read_settings();
+    static const Settings s = [] {
+        Settings r = read_settings();
+        tram_emu_watch_hinted = r.order == Order::Random;
+        return r;
+    }();
     return s;
 }
 
@@ -982,10 +988,10 @@ extern "C" __attribute__((visibility("default"))) void tram_emu_point(int kind, 
     Runner* R = Runner::tl_runner;
     // Under the adversarial schedule, let someone else run here: at half the
     // atomics and fences (where cross-thread orders are decided), at one in
-    // eight of the far more numerous cache-hinted loads and stores.
+    // 32 of the far more numerous cache-hinted loads and stores.
     if (R->adversarial()) {
         const bool stall = R->maybe_demote(kind);
-        if (stall || R->rng().chance(kind == TRAM_EMU_LOAD_CG || kind == TRAM_EMU_STORE_CG ? 8 : 2))
+        if (stall || R->rng().chance(kind == TRAM_EMU_LOAD_CG || kind == TRAM_EMU_STORE_CG ? 32 : 2))
             R->yield_current();
     }
 }

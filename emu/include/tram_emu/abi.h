@@ -48,6 +48,9 @@ void tram_emu_shuffle(unsigned mask, void* value, unsigned size, int kind, int l
 // A memory operation other threads may observe (atomic, fence, .cg load/store):
 // checked for alignment, and a point where an adversarial schedule may switch.
 void tram_emu_point(int kind, const volatile void* addr, unsigned size, const char* site);
+// Nonzero when the schedule wants to see the cache-hinted loads and stores
+// (there are many: otherwise the header only checks their alignment).
+extern int tram_emu_watch_hinted;
 // Stops the process with a diagnostic naming the kernel, block and thread.
 void tram_emu_fail(const char* what, const char* site) __attribute__((noreturn));
 

@@ -137,15 +137,21 @@ inline T atomic_cas(const char* site, T* p, U compare, W v) {
     return atomic_rmw(site, p, [compare, v](T x) { return x == (T)compare ? (T)v : x; });
 }
 
-// Loads and stores with a cache hint: plain accesses, visible to the schedule.
+// Loads and stores with a cache hint: plain accesses, alignment-checked, and
+// visible to a schedule that wants them.
+template <typename T>
+inline void hinted(int kind, const T* p, const char* site) {
+    if (tram_emu_watch_hinted || (uintptr_t)p % sizeof(T) != 0 || !p)
+        tram_emu_point(kind, p, sizeof(T), site);
+}
 template <typename T>
 inline T load_hint(const char* site, const T* p) {
-    tram_emu_point(TRAM_EMU_LOAD_CG, p, sizeof(T), site);
+    hinted(TRAM_EMU_LOAD_CG, p, site);
     return *p;
 }
 template <typename T, typename U>
 inline void store_hint(const char* site, T* p, U v) {
-    tram_emu_point(TRAM_EMU_STORE_CG, p, sizeof(T), site);
+    hinted(TRAM_EMU_STORE_CG, p, site);
     *p = v;
 }
 
