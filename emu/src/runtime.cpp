@@ -118,14 +118,25 @@ const Settings& settings() {
     return s;
 }
 
-void die(const char* fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
+static void vnote(const char* fmt, va_list ap) {
     fputs("tram-emu: ", stderr);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
-    va_end(ap);
     fflush(stderr);
+}
+
+void note(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vnote(fmt, ap);
+    va_end(ap);
+}
+
+void die(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vnote(fmt, ap);
+    va_end(ap);
     abort();
 }
 
