@@ -1409,6 +1409,11 @@ API CUresult cuModuleUnload(CUmodule h) {
     LOCK;
     Module* m = reinterpret_cast<Module*>(h);
     if (!g_modules.count(m)) return CUDA_ERROR_INVALID_HANDLE;
+    // Deferred launches of its kernels run first.
+    if (settings().deferred) {
+        for (Stream* s : m->ctx->streams) flush_all(s);
+        flush_all(m->ctx->legacy.get());
+    }
     for (auto& f : m->funcs) g_funcs.erase(f.get());
     m->ctx->modules.erase(m);
     g_modules.erase(m);
