@@ -7,7 +7,7 @@
 mod common;
 mod multi_tensor;
 
-use multi_tensor::{Case, Dev, Layout, SIZES};
+use multi_tensor::{hashed, Case, Dev, Layout, SIZES};
 use rayon::prelude::*;
 use tram_kernels::cpu::grad_norm::{grad_norm as cpu_norm, NormOutput};
 use tram_kernels::cuda::grad_norm::{finish, grad_norm, NormOptions};
@@ -275,21 +275,6 @@ fn bad_options_are_errors() {
 }
 
 /// Fast reproducible values without a serial generator: a hash of the index.
-fn hashed(i: u64, seed: u64) -> f64 {
-    let mut z = i.wrapping_add(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    // Magnitudes over 2^-6..2^2 (never zero), both signs.
-    let u = (z >> 11) as f64 / (1u64 << 53) as f64;
-    let mag = 2f64.powf(-6.0 + 8.0 * u);
-    if z & 1 == 0 {
-        mag
-    } else {
-        -mag
-    }
-}
-
 #[test]
 fn large_groups_hold_the_bound_up_to_2_pow_28() {
     let gpu = gpu_or_skip!();

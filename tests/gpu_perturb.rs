@@ -10,7 +10,7 @@ mod common;
 mod multi_tensor;
 
 use cudarc::driver::CudaSlice;
-use multi_tensor::{bits, poison, ulp, Case, Dev, Layout, SIZES};
+use multi_tensor::{bits, hashed, poison, ulp, Case, Dev, Layout, SIZES};
 use rayon::prelude::*;
 use tram_kernels::cpu::grad_norm::grad_norm as cpu_norm;
 use tram_kernels::cpu::perturb::{direction, plan, radius_value};
@@ -477,20 +477,6 @@ fn raw_pointer_group_matches_the_safe_one() {
     for i in 0..SIZES.len() {
         assert_eq!(bits(&dev.theta[i].read(gpu.stream())), bits(&safe.theta[i]));
         assert_eq!(bits(&dev.aux[i].read(gpu.stream())), bits(&safe.aux[i]));
-    }
-}
-
-fn hashed(i: u64, seed: u64) -> f64 {
-    let mut z = i.wrapping_add(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    let u = (z >> 11) as f64 / (1u64 << 53) as f64;
-    let mag = 2f64.powf(-6.0 + 8.0 * u);
-    if z & 1 == 0 {
-        mag
-    } else {
-        -mag
     }
 }
 
