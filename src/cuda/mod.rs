@@ -21,7 +21,7 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 use cudarc::nvrtc::Ptx;
 
-use crate::error::{Error, Result};
+use crate::error::{DriverError, Error, Result};
 
 /// Kernels loaded into one CUDA context, launching on one stream.
 ///
@@ -52,8 +52,7 @@ impl CudaBackend {
     /// when the device does not exist.
     pub fn new(ordinal: usize) -> Result<Self> {
         check_ptx_built()?;
-        let ctx = guarded("creating a CUDA context", || CudaContext::new(ordinal))?
-            .map_err(|e| Error::CudaUnavailable(format!("no CUDA device {ordinal}: {e:?}")))?;
+        let ctx = context(ordinal)?;
         let stream = guarded("creating a stream", || ctx.new_stream())??;
         Self::from_stream(stream)
     }
@@ -70,14 +69,15 @@ impl CudaBackend {
         for (module_name, text) in ptx::MODULES {
             let module = guarded("loading PTX", || ctx.load_module(Ptx::from_src(*text)))?
                 .map_err(|e| {
+                    let e = DriverError::from_cudarc(e);
                     Error::CudaUnavailable(format!(
-                        "the driver rejected the PTX of {module_name}.cu ({e:?}); it was built by \
+                        "the driver rejected the PTX of {module_name}.cu ({e}); it was built by \
                          {}, and a driver runs PTX only from its own CUDA version or older",
                         ptx::NVCC.unwrap_or("unknown nvcc")
                     ))
                 })?;
             for entry in ptx::entry_points(text) {
-                let f = module.load_function(entry)?;
+                let f = guarded("loading a kernel", || module.load_function(entry))??;
                 functions.insert(entry.to_string(), f);
             }
         }
@@ -128,6 +128,30 @@ impl CudaBackend {
             ))),
         }
     }
+}
+
+/// The primary context of device `ordinal`, for building the stream a
+/// [`CudaBackend::from_stream`] runs on (`ctx.new_stream()`, or
+/// `ctx.wrap_borrowed_stream(raw)` around a framework's `CUstream`).
+///
+/// Unlike cudarc's `CudaContext::new`, which panics where no driver library
+/// can be loaded, this returns [`Error::CudaUnavailable`] when there is no
+/// driver library, the driver lacks a function it needs, or the device does
+/// not exist.
+///
+/// ```no_run
+/// # fn main() -> tram_kernels::Result<()> {
+/// let ctx = tram_kernels::cuda::context(0)?;
+/// let gpu = tram_kernels::cuda::CudaBackend::from_stream(ctx.new_stream()?)?;
+/// # let _ = gpu;
+/// # Ok(())
+/// # }
+/// ```
+pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    guarded("creating a CUDA context", || CudaContext::new(ordinal))?.map_err(|e| {
+        let e = DriverError::from_cudarc(e);
+        Error::CudaUnavailable(format!("no CUDA device {ordinal}: {e}"))
+    })
 }
 
 /// A kernel name being assembled, on the stack.
