@@ -154,6 +154,19 @@ pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     })
 }
 
+/// The end address of `len` elements of `size` bytes at device address
+/// `ptr`; `Err` naming `what` when the buffer would run past the end of the
+/// 64-bit address space (a length no allocation can have).
+pub(crate) fn buffer_end(what: &str, ptr: u64, len: u64, size: usize) -> Result<u64> {
+    len.checked_mul(size as u64)
+        .and_then(|n| ptr.checked_add(n))
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{what}: {len} elements of {size} bytes at {ptr:#x} extend past the address space"
+            ))
+        })
+}
+
 /// A kernel name being assembled, on the stack.
 struct NameBuf {
     bytes: [u8; 96],
@@ -222,8 +235,17 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::NameBuf;
+    use super::{buffer_end, NameBuf};
     use std::fmt::Write;
+
+    #[test]
+    fn buffers_past_the_address_space_are_errors() {
+        assert_eq!(buffer_end("x", 0x1000, 4, 4).unwrap(), 0x1010);
+        assert_eq!(buffer_end("x", u64::MAX - 4, 1, 4).unwrap(), u64::MAX);
+        assert!(buffer_end("x", u64::MAX - 3, 1, 4).is_err());
+        assert!(buffer_end("x", 0x1000, u64::MAX / 2, 4).is_err());
+        assert!(buffer_end("x", 0x1000, u64::MAX, 2).is_err());
+    }
 
     #[test]
     fn kernel_names_are_assembled_on_the_stack() {
