@@ -57,7 +57,7 @@
 //! Gradient entries of an unmasked row whose KL is not finite are NaN (both
 //! matrices, every entry of the row); masked rows always get exact zeros.
 
-use super::convert::widen;
+use super::convert::widen_into;
 use super::math;
 use crate::config::{KlDirection, KlOptions, Reduction};
 use crate::dtype::Element;
@@ -497,8 +497,8 @@ impl Scratch {
 fn chunk_partial<T: Element>(xs: &[T], ys: &[T], scale: f64, sc: &mut Scratch) -> Partial {
     let n = xs.len();
     debug_assert!(n <= CHUNK && ys.len() == n);
-    let xf = widen(xs, &mut sc.xf);
-    let yf = widen(ys, &mut sc.yf);
+    let xf = widen_into(xs, &mut sc.xf);
+    let yf = widen_into(ys, &mut sc.yf);
     let (xv, dv, wv, tv) = (
         &mut sc.xv[..n],
         &mut sc.dv[..n],
@@ -954,8 +954,8 @@ fn side_grad<T: Element>(
     for start in (0..xs.len()).step_by(CHUNK) {
         let n = CHUNK.min(xs.len() - start);
         let (xb, yb) = (&xs[start..start + n], &ys[start..start + n]);
-        let xf = widen(xb, &mut sc.xf);
-        let yf = widen(yb, &mut sc.yf);
+        let xf = widen_into(xb, &mut sc.xf);
+        let yf = widen_into(yb, &mut sc.yf);
         let (xv, dv) = (&mut sc.xv[..n], &mut sc.dv[..n]);
         for i in 0..n {
             xv[i] = xf[i] as f64;

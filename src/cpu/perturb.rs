@@ -28,7 +28,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::convert::{narrow, widen};
+use super::convert::{narrow_into, widen_into};
 use super::grad_norm::{check_settings, grad_norm, BLOCK, CHUNK};
 use crate::config::{Geometry, PerturbStatus, Radius, NORM_EPS};
 use crate::dtype::Element;
@@ -143,13 +143,13 @@ fn update_block<T: Element, G: Element, P: Element>(
     f: &impl Fn(f64, f64) -> f64,
     sc: &mut Scratch,
 ) {
-    let t = widen(theta, &mut sc.t);
-    let g = widen(grad, &mut sc.g);
+    let t = widen_into(theta, &mut sc.t);
+    let g = widen_into(grad, &mut sc.g);
     let v = &mut sc.v[..theta.len()];
     for ((v, &t), &g) in v.iter_mut().zip(t).zip(g) {
         *v = f(t as f64, g as f64);
     }
-    narrow(v, out, &mut sc.n);
+    narrow_into(v, out, &mut sc.n);
 }
 
 /// `out[k] ← round(f(θ[k], g[k]))` over one chunk, block by block. Cloned for
