@@ -133,8 +133,8 @@ pub struct NormState {
     /// 1 when a gradient element (of a tensor with a gradient) is inf or NaN:
     /// PyTorch GradScaler's `found_inf`, set by the norm. Like the CPU
     /// reference's it looks at gradients only: a non-finite θ under the
-    /// adaptive geometry, or a term overflowing f32, makes `sum_sq` non-finite
-    /// (and the perturbation reports `NONFINITE_GRAD`) with `found_inf` 0.
+    /// adaptive geometry makes `sum_sq` non-finite (and the perturbation
+    /// reports `NONFINITE_GRAD`) with `found_inf` 0.
     /// [`finish`](super::grad_norm::finish) raises it for a non-finite
     /// all-reduced `sum_sq`.
     pub found_inf: u32,
@@ -520,7 +520,9 @@ impl<'a> ParamGroup<'a> {
             stream.clone_htod(&[chunks.active as u32, chunks.chunks.len() as u32])?;
         // One sum and one found-inf flag per block.
         let partials = stream.alloc_zeros::<f64>(2 * norm_grid as usize)?;
-        let counter = stream.alloc_zeros::<u32>(1)?;
+        // [norm ticket, perturbation ticket, perturbation overflow count]:
+        // each kernel leaves its words zero.
+        let counter = stream.alloc_zeros::<u32>(3)?;
         let state = stream.alloc_zeros::<NormState>(1)?;
         let addrs = [
             addr(&table_dev, &stream),
@@ -690,6 +692,11 @@ impl<'a> ParamGroup<'a> {
 
     pub(crate) fn counter_ptr(&self) -> u64 {
         self.addrs[4]
+    }
+
+    /// The perturbation's two scratch words (after the norm's counter).
+    pub(crate) fn perturb_scratch_ptr(&self) -> u64 {
+        self.addrs[4] + 4
     }
 }
 
