@@ -161,11 +161,17 @@ fn update_block<T: Element, G: Element, P: Element>(
         DType::BF16 => 0x7f80,
         DType::F16 => 0x7c00,
     };
-    let mut overflow = false;
-    for (&t, o) in t.iter().zip(out.iter()) {
-        overflow |= t.is_finite() & (o.to_bits_u32() & e == e);
+    // Any non-finite output first (one integer test per element, in lanes);
+    // only then which inputs were finite (θ already inf/NaN is no overflow).
+    let any = out
+        .iter()
+        .fold(0u32, |a, o| a | ((o.to_bits_u32() & e) == e) as u32);
+    if any == 0 {
+        return false;
     }
-    overflow
+    t.iter()
+        .zip(out.iter())
+        .any(|(&t, o)| t.is_finite() && o.to_bits_u32() & e == e)
 }
 
 /// `out[k] ← round(f(θ[k], g[k]))` over one chunk, block by block. Cloned for
