@@ -1067,12 +1067,12 @@ fn side_grad<T: Element>(
             low_parts(xv, yf, lv);
         }
         // lp = log p, then d becomes u = (d − c)/τ (as in `chunk_partial`).
-        for i in 0..n {
-            xv[i] = (xv[i] - fr.m) * scale - fr.ln_s;
+        for x in xv.iter_mut() {
+            *x = (*x - fr.m) * scale - fr.ln_s;
         }
         if exact {
-            for i in 0..n {
-                dv[i] = ((dv[i] - fr.c) - fr.cl) * scale;
+            for d in dv.iter_mut() {
+                *d = ((*d - fr.c) - fr.cl) * scale;
             }
         } else {
             for i in 0..n {
