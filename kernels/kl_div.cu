@@ -20,9 +20,6 @@
 // stats and writes the gradients.
 #include "common.cuh"
 
-// The numerics are host-callable too, so they can be exercised off the GPU.
-#define KL_HD __host__ __device__ __forceinline__
-
 #define KL_THREADS 256
 #define KL_FINISH_THREADS 256
 // Resident partial blocks per SM the register budget is set for (85 registers
@@ -79,7 +76,7 @@ template <> struct Wide<float> { typedef double type; };
 
 // phi(x) = expm1(-x) + x for |x| < 0.5, where the library form cancels.
 // Truncation after x^9: below 3e-9 relative.
-KL_HD float phi_series(float x) {
+__device__ __forceinline__ float phi_series(float x) {
     float p = -1.f / 362880.f;
     p = fmaf(p, x, 1.f / 40320.f);
     p = fmaf(p, x, -1.f / 5040.f);
@@ -91,7 +88,7 @@ KL_HD float phi_series(float x) {
     return x * x * p;
 }
 
-KL_HD double phi_d(double x) {
+__device__ __forceinline__ double phi_d(double x) {
     if (fabs(x) < 0.125) {
         // Truncation after x^10: below 1e-16 relative.
         double p = 1.0 / 3628800.0;
@@ -110,7 +107,7 @@ KL_HD double phi_d(double x) {
 
 // w * phi(x) with w = e^la. Away from 0 as one exponent, e^(la - x) - w + w x,
 // so a negligible weight times a huge e^-x is never 0 * inf.
-KL_HD float wphi(float w, float la, float x) {
+__device__ __forceinline__ float wphi(float w, float la, float x) {
     if (fabsf(x) < 0.5f) return w * phi_series(x);
     return expf(la - x) - w + w * x;
 }
@@ -122,7 +119,7 @@ template <typename D> struct TSide {
     D c;
 };
 
-template <typename D> KL_HD void tside_init(TSide<D>& s) {
+template <typename D> __device__ __forceinline__ void tside_init(TSide<D>& s) {
     s.M = -INFINITY;
     s.S = 0.f;
     s.A = 0.f;
@@ -134,7 +131,7 @@ template <typename D> KL_HD void tside_init(TSide<D>& s) {
 
 // Raise the running max to newM and move the reference to newc.
 template <typename D>
-KL_HD void tside_rebase(TSide<D>& s, float newM, D newc, float inv_tau) {
+__device__ __forceinline__ void tside_rebase(TSide<D>& s, float newM, D newc, float inv_tau) {
     if (s.S == 0.f) {  // nothing accumulated yet (then A = B = 0 too)
         s.M = newM;
         s.c = newc;
@@ -164,7 +161,7 @@ template <typename T> struct ThreadAcc {
 
 // Accumulate N elements (raw logits, already converted to f32).
 template <typename T, bool SYM, int N>
-KL_HD void accumulate(ThreadAcc<T>& t, const float (&ra)[N], const float (&rb)[N],
+__device__ __forceinline__ void accumulate(ThreadAcc<T>& t, const float (&ra)[N], const float (&rb)[N],
                                            float inv_tau) {
     typedef typename Wide<T>::type D;
     float sa[N], sb[N];
@@ -244,7 +241,7 @@ KL_HD void accumulate(ThreadAcc<T>& t, const float (&ra)[N], const float (&rb)[N
 
 // x <- x merged with y (x first in the fixed order). The partial with the larger
 // max keeps its reference (ties: x); the other is rescaled and re-referenced.
-KL_HD void side_merge(KlSide& x, const KlSide& y, double inv_tau) {
+__device__ __forceinline__ void side_merge(KlSide& x, const KlSide& y, double inv_tau) {
     if (y.O > 0.0) {
         if (!(x.O > 0.0)) {
             x.O = y.O;
@@ -299,7 +296,7 @@ __device__ __forceinline__ KlSide shfl_side(const KlSide& s, int off) {
 // side's max and sum q. Also what the gradient needs: with x = (d - cref)/tau
 // relative to the reference (an exact d at the argmax, so x = 0 there exactly),
 // alpha = P-mean of x and L = KL - alpha, log(p/q) = x - alpha + KL = x + L.
-KL_HD double finalize_dir(const KlSide& p, const KlSide& q, bool nan, bool inf, double inv_tau,
+__device__ __forceinline__ double finalize_dir(const KlSide& p, const KlSide& q, bool nan, bool inf, double inv_tau,
                           double& cref, float& alpha, float& L) {
     cref = p.c;
     alpha = 0.f;
@@ -329,7 +326,7 @@ KL_HD double finalize_dir(const KlSide& p, const KlSide& q, bool nan, bool inf, 
     return kl < 0.0 ? 0.0 : kl;
 }
 
-KL_HD void finalize_row(const KlSide& a, const KlSide& b, unsigned flags, bool sym, double inv_tau,
+__device__ __forceinline__ void finalize_row(const KlSide& a, const KlSide& b, unsigned flags, bool sym, double inv_tau,
                              KlRowStats& st) {
     bool nan = (flags & KL_NAN) != 0;
     double kl = finalize_dir(a, b, nan, (flags & KL_INF_F) != 0, inv_tau, st.c_f, st.alpha_f, st.L_f);
@@ -349,7 +346,7 @@ KL_HD void finalize_row(const KlSide& a, const KlSide& b, unsigned flags, bool s
     st.pad = 0u;
 }
 
-KL_HD KlRowStats masked_stats() {
+__device__ __forceinline__ KlRowStats masked_stats() {
     KlRowStats st;
     st.c_f = st.c_r = 0.0;
     st.kl = 0.0;
@@ -604,7 +601,7 @@ template <typename T> struct GradRow {
 };
 
 template <typename T, bool SYM>
-KL_HD void grad_elem(const GradRow<T>& g, float ra, float rb, float& ga, float& gb) {
+__device__ __forceinline__ void grad_elem(const GradRow<T>& g, float ra, float rb, float& ga, float& gb) {
     typedef typename Wide<T>::type D;
     float sa = ra * g.inv_tau, sb = rb * g.inv_tau;
     bool fa = sa > -INFINITY, fb = sb > -INFINITY;

@@ -67,19 +67,10 @@ fn driver_message(code: cudarc::driver::sys::CUresult) -> Option<String> {
     use cudarc::driver::sys::CUresult;
     use std::ffi::{c_char, CStr};
     type GetErrorString = unsafe extern "C" fn(CUresult, *mut *const c_char) -> CUresult;
-    // SAFETY: `is_culib_present` only tries to dlopen the driver library by
-    // name and drops the handle; it has no preconditions.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return None;
-    }
-    // SAFETY: `culib` opens the same library names `is_culib_present` just
-    // found (it panics only when none opens); `get` looks the symbol up
-    // without calling it, and the declared type is the driver API's
-    // `CUresult cuGetErrorString(CUresult, const char**)`.
-    let f = unsafe {
-        let lib = cudarc::driver::sys::culib();
-        *lib.get::<GetErrorString>(b"cuGetErrorString\0").ok()?
-    };
+    let lib = crate::cuda::libcuda::open()?;
+    // SAFETY: `get` looks the symbol up without calling it; the declared type
+    // is the driver API's `CUresult cuGetErrorString(CUresult, const char**)`.
+    let f = unsafe { lib.get::<GetErrorString>(b"cuGetErrorString\0") }.ok()?;
     let mut text: *const c_char = std::ptr::null();
     // SAFETY: a plain driver call with a valid out-pointer; it needs no
     // context and accepts any code (an unknown one is an error result).
@@ -87,7 +78,8 @@ fn driver_message(code: cudarc::driver::sys::CUresult) -> Option<String> {
     if r != CUresult::CUDA_SUCCESS || text.is_null() {
         return None;
     }
-    // SAFETY: on success the driver points `text` at a static NUL-terminated string.
+    // SAFETY: on success the driver points `text` at a static NUL-terminated
+    // string; it is copied while `lib` (and so the driver) is still loaded.
     Some(
         unsafe { CStr::from_ptr(text) }
             .to_string_lossy()

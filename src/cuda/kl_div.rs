@@ -44,9 +44,7 @@
 //!   every merge is f64; rows whose centred KL exceeds 1 (or whose centred
 //!   sums overflow) use the classical `Σ p d − lse_a + lse_b`, whose error
 //!   ε·|lse| is negligible there. The reduced value inherits the bound (f64
-//!   sum), then one f32 rounding for the device scalar. Measured by the host
-//!   emulation of the kernel (tests/kl_div_host_emulation.rs): worst 1.5e-5
-//!   (f32), 1.5e-6 (f16/bf16); gradients at most 0.13 of their bound.
+//!   sum), then one f32 rounding for the device scalar.
 //! * Outside the bound: rows whose divergence is carried only by elements
 //!   whose weight e^((a − max a)/τ) is below f32's normal range (~1e-38), e.g.
 //!   f16/bf16 rows at σ = 30 whose KL is ~1e-70; their relative error can
@@ -55,12 +53,13 @@
 //!   formed in f64 for f32 inputs and in f32 for f16/bf16, exact only while a
 //!   and b lie within ~29 binades of each other (f32; ~13 for f16, ~16 for
 //!   bf16); beyond, its rounding (about 1e-16·|a − b| for f32) enters every x.
-//!   Measured with the host emulation, f32, one side constant at an offset
-//!   and the other ~ N(0, 9), V = 1,000: relative error 7e-9 at 1e6 and 8e-9
-//!   at 1e8 (tests/kl_div_host_emulation.rs checks these within the bound,
-//!   gradients included), 4e-7 at 1e10, 0.5 at 1e16, 1.0 at 3e38; f16 at
-//!   65,504 against the same spread misses the gradient bound. The CPU
-//!   reference has no such limit (it carries the difference exactly).
+//!   Measured with the kernel's numerics compiled for the host, f32, one
+//!   side constant at an offset and the other ~ N(0, 9), V = 1,000: relative
+//!   error 7e-9 at 1e6 and 8e-9 at 1e8 (tests/gpu_kl_div.rs checks offsets up
+//!   to 1e8 within the bound, gradients included), 4e-7 at 1e10, 0.5 at 1e16,
+//!   1.0 at 3e38; f16 at 65,504 against the same spread misses the gradient
+//!   bound. The CPU reference has no such limit (it carries the difference
+//!   exactly).
 //! * Gradients: each entry within 1e-4·|g| + 1e-5·max_row|g| of the oracle
 //!   before the final rounding to the output dtype (½ ulp of that dtype more).
 //!   `q − p` is formed as `p·expm1(log q − log p)` with the reference kept at

@@ -1,11 +1,13 @@
-//! The CUDA backend: embedded PTX loaded once into a context, launches on the
+//! The CUDA backend: the embedded kernels loaded once into a context, launches on the
 //! caller's stream. Each operation has a launcher here beside its kernel file
 //! in `kernels/` and its CPU reference in `src/cpu/` (same file stem).
 
 pub mod ema;
+mod fatbin;
 pub mod grad_norm;
 pub mod group;
 pub mod kl_div;
+pub(crate) mod libcuda;
 pub mod noise;
 pub mod optimizer;
 pub mod perturb;
@@ -66,17 +68,23 @@ impl CudaBackend {
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         })??;
         let mut functions = HashMap::new();
-        for (module_name, text) in ptx::MODULES {
-            let module = guarded("loading PTX", || ctx.load_module(Ptx::from_src(*text)))?
-                .map_err(|e| {
-                    let e = DriverError::from_cudarc(e);
-                    Error::CudaUnavailable(format!(
-                        "the driver rejected the PTX of {module_name}.cu ({e}); it was built by \
-                         {}, and a driver runs PTX only from its own CUDA version or older",
-                        ptx::NVCC.unwrap_or("unknown nvcc")
-                    ))
-                })?;
-            for entry in ptx::entry_points(text) {
+        for (module_name, bytes) in ptx::MODULES {
+            // The names come from the PTX image; every SASS image holds the same kernels.
+            let ptx_text = fatbin::ptx_text(bytes, ptx::PTX_ARCH).map_err(|e| {
+                Error::CudaUnavailable(format!("the embedded {module_name}.cu: {e}"))
+            })?;
+            // The driver takes the SASS that fits the device, else JIT-compiles the PTX.
+            let image = Ptx::from_binary(bytes.to_vec());
+            let module = guarded("loading kernels", || ctx.load_module(image))?.map_err(|e| {
+                let e = DriverError::from_cudarc(e);
+                Error::CudaUnavailable(format!(
+                    "the driver rejected the kernels of {module_name}.cu ({e}); they were built \
+                     by {}, whose machine code needs a driver of its CUDA major version or newer \
+                     and whose PTX a driver of its CUDA version or newer",
+                    ptx::NVCC.unwrap_or("unknown nvcc")
+                ))
+            })?;
+            for entry in ptx::entry_points(ptx_text) {
                 let f = guarded("loading a kernel", || module.load_function(entry))??;
                 functions.insert(entry.to_string(), f);
             }
@@ -215,9 +223,7 @@ fn check_ptx_built() -> Result<()> {
 /// cudarc panics (rather than returning an error) when libcuda cannot be
 /// loaded or lacks a symbol; turn that into our error.
 fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
-    // SAFETY: `is_culib_present` only tries to dlopen the driver library by
-    // name and drops the handle; it has no preconditions.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !libcuda::present() {
         return Err(Error::CudaUnavailable(
             "the CUDA driver library (libcuda) could not be loaded: is there an NVIDIA driver?"
                 .into(),

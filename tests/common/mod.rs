@@ -1,6 +1,8 @@
-//! Shared by the GPU tests: find the device or say why not.
+//! Shared by the GPU tests: find the device or say why not, and gate the big
+//! cases on what they need.
 #![allow(dead_code)]
 
+use std::fmt::Display;
 use std::io::Write;
 
 use tram_kernels::cuda::CudaBackend;
@@ -14,13 +16,54 @@ pub fn gpu() -> Option<CudaBackend> {
             if std::env::var("TRAM_REQUIRE_GPU").is_ok_and(|v| v == "1") {
                 panic!("TRAM_REQUIRE_GPU=1 but no GPU backend: {e}");
             }
-            // Written to the stderr handle, not with eprintln!, so that the
-            // test harness does not capture it: a skip is visible in the log.
-            let test = std::thread::current().name().unwrap_or("?").to_string();
-            let _ = writeln!(std::io::stderr(), "skipping GPU test {test}: {e}");
+            skip(e);
             None
         }
     }
+}
+
+/// Says that (part of) the calling test is skipped, and why, where the test
+/// log shows it: written to the stderr handle, not with eprintln!, so that the
+/// harness does not capture it.
+pub fn skip(why: impl Display) {
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    let _ = writeln!(std::io::stderr(), "skipping GPU test {test}: {why}");
+}
+
+/// Whether the device has `need` bytes of memory free for `what`; if not, says
+/// so (see [`skip`]).
+pub fn device_has(gpu: &CudaBackend, need: usize, what: &str) -> bool {
+    let free = gpu
+        .context()
+        .mem_get_info()
+        .map(|(free, _)| free)
+        .unwrap_or(0);
+    if free >= need {
+        return true;
+    }
+    skip(format_args!(
+        "{what} needs {:.1} GiB of device memory, {:.1} GiB are free",
+        need as f64 / (1u64 << 30) as f64,
+        free as f64 / (1u64 << 30) as f64
+    ));
+    false
+}
+
+/// Whether the device is the emulated one of `emu/` (it names itself so).
+pub fn emulated(gpu: &CudaBackend) -> bool {
+    gpu.context()
+        .name()
+        .is_ok_and(|n| n.starts_with("tram-emu"))
+}
+
+/// Cases kept for real GPUs: on the emulated device they would take many
+/// minutes and more host memory than its machines have. Says so when skipped.
+pub fn real_gpu_case(gpu: &CudaBackend, what: &str, why: &str) -> bool {
+    if !emulated(gpu) {
+        return true;
+    }
+    skip(format_args!("{what} is kept for real GPUs ({why})"));
+    false
 }
 
 /// Skips the calling test (returning early) when there is no GPU.
