@@ -101,25 +101,24 @@ __device__ __forceinline__ void norm_chunk(const T* th, const G* g, MtSpan span,
     }
 }
 
-// The term of one element in f64, for any geometry.
-__device__ __forceinline__ double norm_term_f64(uint32_t geometry, float theta, float g, float s,
-                                                float eta) {
+// The term of one element in f64 (the CPU reference's terms).
+template <int GEOM>
+__device__ __forceinline__ double norm_term_f64(float theta, float g, float s, float eta) {
     const double x = (double)s * (double)g;
-    if (geometry == TRAM_GEOMETRY_ADAPTIVE) {
+    if (GEOM == TRAM_GEOMETRY_ADAPTIVE) {
         const double y = (fabs((double)theta) + (double)eta) * x;
         return y * y;
     }
     const double q = x * x;
-    return geometry == TRAM_GEOMETRY_FISHER ? q / (1.0 + (double)eta * q) : q;
+    return GEOM == TRAM_GEOMETRY_FISHER ? q / (1.0 + (double)eta * q) : q;
 }
 
 // The slow pass: the sum of every term of the group in f64, by one block in a
-// fixed order (result in thread 0). Not unrolled: it must not raise the
-// register count of the kernel's common path.
-template <typename T, typename G>
+// fixed order (result in thread 0). Out of line and not unrolled: it must not
+// raise the register count of the kernel's common path.
+template <typename T, typename G, int GEOM>
 __device__ __noinline__ double grad_norm_f64(const MtTensor* tensors, const MtChunk* chunks, uint32_t n,
-                                uint32_t theta_slot, uint32_t geometry, float eta, float s,
-                                double* scratch) {
+                                             uint32_t theta_slot, float eta, float s, double* scratch) {
     double acc = 0.0;
 #pragma unroll 1
     for (uint32_t c = 0; c < n; ++c) {
@@ -127,10 +126,11 @@ __device__ __noinline__ double grad_norm_f64(const MtTensor* tensors, const MtCh
         const MtSpan span = mt_span(t, chunks[c]);
         const G* g = reinterpret_cast<const G*>(t.ptr[MT_SLOT_GRAD]);
         const T* th = reinterpret_cast<const T*>(t.ptr[theta_slot]);
-        const bool reads_theta = geometry == TRAM_GEOMETRY_ADAPTIVE;
 #pragma unroll 1
-        for (uint64_t i = span.begin + threadIdx.x; i < span.end; i += blockDim.x)
-            acc += norm_term_f64(geometry, reads_theta ? to_f32(th[i]) : 0.0f, to_f32(g[i]), s, eta);
+        for (uint64_t i = span.begin + threadIdx.x; i < span.end; i += blockDim.x) {
+            const float theta = GEOM == TRAM_GEOMETRY_ADAPTIVE ? to_f32(th[i]) : 0.0f;
+            acc += norm_term_f64<GEOM>(theta, to_f32(g[i]), s, eta);
+        }
     }
     return mt_block_sum(acc, scratch);
 }
@@ -193,7 +193,13 @@ __device__ void grad_norm(const MtTensor* tensors, const MtChunk* chunks, const 
     }
     __syncthreads();
     if (slow) {
-        const double t = grad_norm_f64<T, G>(tensors, chunks, n, theta_slot, geometry, eta, inv_scale, scratch);
+        double t;
+        if (geometry == TRAM_GEOMETRY_ADAPTIVE)
+            t = grad_norm_f64<T, G, TRAM_GEOMETRY_ADAPTIVE>(tensors, chunks, n, theta_slot, eta, inv_scale, scratch);
+        else if (geometry == TRAM_GEOMETRY_FISHER)
+            t = grad_norm_f64<T, G, TRAM_GEOMETRY_FISHER>(tensors, chunks, n, theta_slot, eta, inv_scale, scratch);
+        else
+            t = grad_norm_f64<T, G, TRAM_GEOMETRY_SAM>(tensors, chunks, n, theta_slot, eta, inv_scale, scratch);
         if (threadIdx.x == 0) s_total = t;
     }
     if (threadIdx.x == 0) {

@@ -27,12 +27,14 @@
 // Arithmetic: SAM is one f32 fma per element with c·s rounded once to f32, so
 // ε carries one rounding (2^-24 relative) before the final rounding of θ + ε.
 // Adaptive and Fisher form w in f64 when θ is f32 (ε then carries ~2^-53) and in
-// f32 for f16/bf16 outputs (~6·2^-24, far below their ulp). Where f32 would not
-// hold the numbers, f64 takes over: for the whole launch when the f32
-// coefficient is not a normal number (e.g. a norm near 1e21 from gradients near
-// 1e20, with a small ρ), and per element when an f32 intermediate overflows
-// ((|θ|+η)²·g, or (s·g)² for Fisher). In every case
-// |result − (θ + ε)| <= 1 ulp(θ + ε) + 2 ulp(ε), ε exact from the norm and ρ used.
+// f32 for f16/bf16 outputs (~6·2^-24, far below their ulp). Huge gradients:
+// SAM works in f64 for the whole launch when c·s is not a normal f32 (e.g. a
+// norm near 1e21 with ρ below ~1e-17); Fisher in f32 takes w = 1/(1/x + η x)
+// for |x| = |s·g| >= 2^32, where the square in x/(1 + η x²) would overflow.
+// Within those, |result − (θ + ε)| <= 1 ulp(θ + ε) + 2 ulp(ε), ε exact from the
+// norm and ρ used. Outside it, for f16/bf16 parameters: adaptive forms
+// (|θ|+η)²·g in f32 (so that product must stay below ~3.4e38), and adaptive and
+// Fisher use c·s and c as f32 (a coefficient below ~1e-38 keeps fewer digits).
 #include "multi_tensor.cuh"
 
 #define PERTURB_THREADS 256
@@ -76,20 +78,21 @@ __device__ __forceinline__ P perturb_one(float theta, float g, const PerturbCoef
     } else {
         const A th = (A)theta;
         A e;
-        bool fits;
         if constexpr (GEOM == TRAM_GEOMETRY_ADAPTIVE) {
             const A a = (th < 0 ? -th : th) + (A)k.eta;  // (|θ| + η)² · s·g, s folded into cs
-            const A w = a * a * (A)g;
-            fits = isfinite(w);
-            e = (A)k.cs * w;
+            e = (A)k.cs * (a * a * (A)g);
         } else {
             const A x = (A)k.s * (A)g;  // s·g / (1 + η (s·g)²)
-            const A den = (A)1 + (A)k.eta * x * x;
-            fits = isfinite(den);
-            e = (A)k.c * (x / den);
-        }
-        if constexpr (sizeof(A) == 4) {
-            if (!fits) return perturb_one<P, GEOM, double>(theta, g, k);
+            if constexpr (sizeof(A) == 4) {
+                // Past |x| = 2^32 the f32 square would overflow (to w = 0):
+                // there w = 1/(1/x + η x), the same number, with no overflow.
+                A w;
+                if (fabsf(x) < 4294967296.0f) w = x / ((A)1 + (A)k.eta * x * x);
+                else w = (A)1 / ((A)1 / x + (A)k.eta * x);
+                e = (A)k.c * w;
+            } else {
+                e = (A)k.c * (x / ((A)1 + (A)k.eta * x * x));
+            }
         }
         return round_to<P>(th + e);
     }
@@ -135,23 +138,18 @@ __device__ __forceinline__ void perturb_chunk(const TH* th, const G* g, P* out, 
     }
 }
 
-// wide: the launch-wide choice of f64 arithmetic (f32 coefficients unusable).
+// wide: SAM in f64 for the whole launch (c·s is not a normal f32).
 template <typename TH, typename G, typename P, bool SAVE>
 __device__ __forceinline__ void perturb_dispatch(uint32_t geometry, bool wide, const TH* th,
                                                  const G* g, P* out, P* save, MtSpan span,
                                                  const PerturbCoef& k, bool& ovf) {
     typedef typename PerturbAcc<P>::type A;
-    if (wide) {
-        if (geometry == TRAM_GEOMETRY_ADAPTIVE)
-            perturb_chunk<TH, G, P, TRAM_GEOMETRY_ADAPTIVE, double, SAVE>(th, g, out, save, span, k, ovf);
-        else if (geometry == TRAM_GEOMETRY_FISHER)
-            perturb_chunk<TH, G, P, TRAM_GEOMETRY_FISHER, double, SAVE>(th, g, out, save, span, k, ovf);
-        else
-            perturb_chunk<TH, G, P, TRAM_GEOMETRY_SAM, double, SAVE>(th, g, out, save, span, k, ovf);
-    } else if (geometry == TRAM_GEOMETRY_ADAPTIVE) {
+    if (geometry == TRAM_GEOMETRY_ADAPTIVE) {
         perturb_chunk<TH, G, P, TRAM_GEOMETRY_ADAPTIVE, A, SAVE>(th, g, out, save, span, k, ovf);
     } else if (geometry == TRAM_GEOMETRY_FISHER) {
         perturb_chunk<TH, G, P, TRAM_GEOMETRY_FISHER, A, SAVE>(th, g, out, save, span, k, ovf);
+    } else if (wide) {
+        perturb_chunk<TH, G, P, TRAM_GEOMETRY_SAM, double, SAVE>(th, g, out, save, span, k, ovf);
     } else {
         perturb_chunk<TH, G, P, TRAM_GEOMETRY_SAM, float, SAVE>(th, g, out, save, span, k, ovf);
     }
@@ -207,8 +205,8 @@ __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const ui
     k.cs32 = (float)k.cs;
     k.s = inv_scale;
     k.eta = eta;
-    // The f32 paths use cs32 (SAM, and adaptive for f16/bf16) or c in f32 (Fisher).
-    const bool wide = !f32_coef_ok(k.cs) || !f32_coef_ok(k.c);
+    // SAM's f32 path multiplies by cs32.
+    const bool wide = !f32_coef_ok(k.cs);
     bool ovf = false;
 
     // Chunks of tensors with a gradient come first; out of place also walks

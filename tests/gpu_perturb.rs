@@ -724,7 +724,8 @@ where
                 m.iter_mut().step_by(5).for_each(|x| *x = 0.0);
             }
             // A usual radius, and a tiny one whose coefficient ρ/N is below
-            // f32's normal range (the kernel then works in f64).
+            // f32's normal range (SAM then works in f64; for f16/bf16 the
+            // adaptive f32 coefficient keeps more digits than their outputs).
             for (radius, d) in [
                 (Radius::TrustRegion { delta: 0.5 }, 0.3f32),
                 (Radius::Fixed(1e-20), f32::NAN),
