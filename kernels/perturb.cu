@@ -27,14 +27,16 @@
 // Arithmetic: SAM is one f32 fma per element with c·s rounded once to f32, so
 // ε carries one rounding (2^-24 relative) before the final rounding of θ + ε.
 // Adaptive and Fisher form w in f64 when θ is f32 (ε then carries ~2^-53) and in
-// f32 for f16/bf16 outputs (~6·2^-24, far below their ulp). Huge gradients:
-// SAM works in f64 for the whole launch when c·s is not a normal f32 (e.g. a
-// norm near 1e21 with ρ below ~1e-17); Fisher in f32 takes w = 1/(1/x + η x)
-// for |x| = |s·g| >= 2^32, where the square in x/(1 + η x²) would overflow.
-// Within those, |result − (θ + ε)| <= 1 ulp(θ + ε) + 2 ulp(ε), ε exact from the
-// norm and ρ used. Outside it, for f16/bf16 parameters: adaptive forms
-// (|θ|+η)²·g in f32 (so that product must stay below ~3.4e38), and adaptive and
-// Fisher use c·s and c as f32 (a coefficient below ~1e-38 keeps fewer digits).
+// f32 for f16/bf16 outputs (~6·2^-24, far below their ulp). Huge numbers: SAM
+// and adaptive work in f64 for the whole launch when c·s is not a normal f32
+// (e.g. a norm near 1e21 with ρ below ~1e-17) or the norm passes 2^60 (then
+// some (|θ|+η)·s·g may too, and its square overflow an f32); Fisher in f32
+// takes w = 1/(1/x + η x) for |x| = |s·g| >= 2^32, where the square in
+// x/(1 + η x²) would overflow. So |result − (θ + ε)| <= 1 ulp(θ + ε) +
+// 2 ulp(ε), ε exact from the norm and ρ used, except for f16/bf16 parameters
+// where (|θ|+η)²·g passes ~3.4e38 with a norm below 2^60 (|θ| beyond ~1e19·s;
+// θ + ε then comes out infinite, reported as OVERFLOW), or where Fisher's c, or
+// the adaptive c·s, is below ~1e-38 (fewer digits in ε).
 #include "multi_tensor.cuh"
 
 #define PERTURB_THREADS 256
@@ -145,7 +147,10 @@ __device__ __forceinline__ void perturb_dispatch(uint32_t geometry, bool wide, c
                                                  const PerturbCoef& k, bool& ovf) {
     typedef typename PerturbAcc<P>::type A;
     if (geometry == TRAM_GEOMETRY_ADAPTIVE) {
-        perturb_chunk<TH, G, P, TRAM_GEOMETRY_ADAPTIVE, A, SAVE>(th, g, out, save, span, k, ovf);
+        if (wide)
+            perturb_chunk<TH, G, P, TRAM_GEOMETRY_ADAPTIVE, double, SAVE>(th, g, out, save, span, k, ovf);
+        else
+            perturb_chunk<TH, G, P, TRAM_GEOMETRY_ADAPTIVE, A, SAVE>(th, g, out, save, span, k, ovf);
     } else if (geometry == TRAM_GEOMETRY_FISHER) {
         perturb_chunk<TH, G, P, TRAM_GEOMETRY_FISHER, A, SAVE>(th, g, out, save, span, k, ovf);
     } else if (wide) {
@@ -171,7 +176,7 @@ __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const ui
                         uint32_t geometry, float eta, float inv_scale, uint32_t radius_kind,
                         float radius, const float* radius_dev, const float* divergence,
                         NormState* state, uint32_t* scratch) {
-    __shared__ double s_c;
+    __shared__ double s_c, s_norm;
     __shared__ uint32_t s_status;
     if (threadIdx.x == 0) {
         // sum_sq, not norm: a sharded caller all-reduces sum_sq alone.
@@ -186,6 +191,7 @@ __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const ui
         if (status == 0) status = norm == 0.0 ? TRAM_STATUS_ZERO_NORM : TRAM_STATUS_APPLIED;
         const double coef = status == TRAM_STATUS_APPLIED ? rho / (norm + TRAM_NORM_EPS) : 0.0;
         s_c = coef;
+        s_norm = norm;
         s_status = status;
         if (blockIdx.x == 0) {
             // Other blocks read only sum_sq, which nobody writes here.
@@ -206,7 +212,10 @@ __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const ui
     k.s = inv_scale;
     k.eta = eta;
     // SAM's f32 path multiplies by cs32.
-    const bool wide = !f32_coef_ok(k.cs);
+    // f64 for the whole launch where f32 may not hold the numbers: SAM's cs32
+    // is not a normal f32, or (adaptive, f16/bf16) the norm is past 2^60, so
+    // that some (|θ|+η)·s·g may be too and (|θ|+η)²·g overflow an f32.
+    const bool wide = !f32_coef_ok(k.cs) || !(s_norm < 1.152921504606846976e18);  // 2^60
     bool ovf = false;
 
     // Chunks of tensors with a gradient come first; out of place also walks

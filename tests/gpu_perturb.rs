@@ -766,9 +766,9 @@ where
         for geo in GEOMETRIES {
             for sign in [1.0, -1.0] {
                 let mut case = Case::<P, G>::random(seed, &SIZES[..8], 1e-3, false);
-                case.theta[2][3] = P::from_f64(sign * big);
-                case.master[2][3] = (sign * big) as f32;
-                case.grad[2][3] = G::from_f64(sign);
+                case.theta[3][3] = P::from_f64(sign * big);
+                case.master[3][3] = (sign * big) as f32;
+                case.grad[3][3] = G::from_f64(sign);
                 let what = format!("{:?}/{:?} {mode:?} {geo:?} sign {sign}", P::DTYPE, G::DTYPE);
                 for (radius, d, overflows) in [
                     (Radius::TrustRegion { delta: 2.0 }, big as f32, true),
@@ -823,8 +823,8 @@ where
                     assert_eq!(out.state.perturb_status(), want, "{what}: GPU");
                     if overflows {
                         let written = match mode {
-                            PerturbMode::OutOfPlace => &out.aux[2][3],
-                            _ => &out.theta[2][3],
+                            PerturbMode::OutOfPlace => &out.aux[3][3],
+                            _ => &out.theta[3][3],
                         };
                         assert_eq!(written.to_f64(), sign * f64::INFINITY, "{what}");
                     }

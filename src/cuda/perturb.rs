@@ -27,13 +27,14 @@
 //! computed exactly (f64) from the norm and ρ in the state. SAM uses one f32
 //! fma per element with ρ·s/(N + 1e-12) rounded once to f32; adaptive and
 //! Fisher compute in f64 for f32 parameters and in f32 for f16/bf16 ones.
-//! Huge gradients: SAM computes in f64 when ρ·s/(N + 1e-12) is not a normal
-//! f32 (e.g. a norm near 1e21 with ρ below ~1e-17), and Fisher in f32 takes
-//! w = 1/(1/x + η x) for |x| = |s·g| ≥ 2^32, where the square would overflow.
-//! Outside the bound, for f16/bf16 parameters only: the adaptive geometry forms
-//! (|θ|+η)²·g in f32 (it must stay below ~3.4e38, or θ + ε comes out infinite
-//! and the status says `OVERFLOW`), and adaptive and Fisher use their
-//! coefficient as an f32 (one below ~1e-38 keeps fewer digits).
+//! Huge numbers: SAM and adaptive compute in f64 for the whole launch when
+//! ρ·s/(N + 1e-12) is not a normal f32 (e.g. a norm near 1e21 with ρ below
+//! ~1e-17) or N passes 2^60, and Fisher in f32 takes w = 1/(1/x + η x) for
+//! |x| = |s·g| ≥ 2^32, where the square would overflow. Outside the bound, for
+//! f16/bf16 parameters only: with N below 2^60, an adaptive (|θ|+η)²·g past
+//! ~3.4e38 (|θ| beyond ~1e19·s) comes out infinite (and the status says
+//! `OVERFLOW`), and a Fisher coefficient, or an adaptive c·s, below ~1e-38
+//! keeps fewer digits.
 //!
 //! Norm and perturbation together are two launches for any number of tensors,
 //! with no allocation and no host sync.
