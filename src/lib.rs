@@ -18,5 +18,5 @@ pub use config::{
     Radius, Reduction, StepCounter, TramConfig, TramVariant,
 };
 pub use dtype::{DType, Element};
-pub use error::{Error, Result};
+pub use error::{DriverError, Error, Result};
 pub use half::{bf16, f16};
