@@ -232,12 +232,14 @@ std::unordered_set<Exec*> g_execs;
 std::unordered_set<Capture*> g_captures;
 std::map<CUdeviceptr, Alloc> g_allocs;
 uint64_t g_used = 0;
+#if !defined(TRAM_EMU_ASAN)
 std::deque<std::pair<void*, size_t>> g_quarantine;
+size_t g_quarantine_bytes = 0;
+#endif
 // Destroyed streams and contexts are kept, emptied: another thread may still
 // be flushing a stream it looked up before the destruction.
 std::vector<std::unique_ptr<Stream>> g_dead_streams;
 std::vector<std::unique_ptr<Ctx>> g_dead_ctxs;
-size_t g_quarantine_bytes = 0;
 thread_local Ctx* tl_ctx = nullptr;
 thread_local Stream* tl_per_thread = nullptr;  // never freed: events may name it
 

@@ -47,7 +47,9 @@
 
 namespace bc = boost::context::detail;
 
-extern "C" __attribute__((visibility("default"))) int tram_emu_watch_hinted = 0;
+extern "C" {
+__attribute__((visibility("default"))) int tram_emu_watch_hinted = 0;
+}
 
 namespace emu {
 
