@@ -34,10 +34,11 @@
 //! logits are copied to and from the device around each crate call (the copy
 //! time is reported separately). `--check` checks the hand-written backward
 //! against finite differences, that 20 CPU steps of each method repeat bit for
-//! bit, and (with a GPU) that the per-step losses of the two backends agree to
-//! 1e-4 relative over those 20 steps and their final accuracies within one
-//! point; it exits non-zero on a failure. Without a GPU it says the comparison
-//! was skipped (set `TRAM_REQUIRE_GPU=1` to make that a failure).
+//! bit, and that the per-step losses of the two backends agree to 1e-4
+//! relative over those 20 steps and their final accuracies within one point;
+//! it exits with status 1 on a failure. The comparison needs a GPU: without
+//! one, `--check` runs the CPU checks, says the comparison was not made, and
+//! exits with status 3 (it has not checked what it is for).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -1010,10 +1011,31 @@ fn gradient_check(data: &Data) -> f64 {
     worst
 }
 
+/// What `--check` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Every check ran and passed, the CPU-vs-CUDA comparison included.
+    Passed,
+    /// A check failed.
+    Failed,
+    /// The CPU checks passed but the backends were not compared (no GPU).
+    NotCompared,
+}
+
+impl Verdict {
+    fn exit_status(self) -> u8 {
+        match self {
+            Verdict::Passed => 0,
+            Verdict::Failed => 1,
+            Verdict::NotCompared => 3,
+        }
+    }
+}
+
 /// `--check`: 20 steps per method on the CPU backend (twice: it must be
 /// deterministic) and, with a GPU, on the CUDA backend; the losses must agree
 /// step by step to 1e-4 relative and the final accuracies within one point.
-fn check(gpu: std::result::Result<CudaBackend, tram_kernels::Error>) -> Result<bool> {
+fn check(gpu: std::result::Result<CudaBackend, tram_kernels::Error>) -> Result<Verdict> {
     let (train, test, shifted) = make_data();
     let data = Data {
         train,
@@ -1072,14 +1094,14 @@ fn check(gpu: std::result::Result<CudaBackend, tram_kernels::Error>) -> Result<b
             );
         }
     }
-    if let Err(e) = &gpu {
-        println!("CUDA comparison skipped: {e}");
-        if std::env::var("TRAM_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-            println!("FAIL: TRAM_REQUIRE_GPU=1 but no GPU is usable");
-            ok = false;
+    Ok(match (&gpu, ok) {
+        (_, false) => Verdict::Failed,
+        (Ok(_), true) => Verdict::Passed,
+        (Err(e), true) => {
+            println!("CUDA comparison NOT made: {e}");
+            Verdict::NotCompared
         }
-    }
-    Ok(ok)
+    })
 }
 
 fn main() -> ExitCode {
@@ -1095,7 +1117,8 @@ fn main() -> ExitCode {
                     "usage: train_shift [--cuda | --check]\n  \
                      (default) train with AdamW, SAM and TRAM-θ, the crate on the CPU backend\n  \
                      --cuda    the same with the crate on the CUDA backend (device 0)\n  \
-                     --check   20 steps on both backends: losses within 1e-4, accuracies within 1 point"
+                     --check   20 steps on both backends: losses within 1e-4, accuracies within 1 point\n            \
+                     (needs a GPU; without one: exit status 3 after the CPU checks)"
                 );
                 return ExitCode::SUCCESS;
             }
@@ -1107,13 +1130,18 @@ fn main() -> ExitCode {
     }
     let result = if check_mode {
         match check(CudaBackend::new(0)) {
-            Ok(true) => {
-                println!("check passed");
-                return ExitCode::SUCCESS;
-            }
-            Ok(false) => {
-                println!("check FAILED");
-                return ExitCode::FAILURE;
+            Ok(v) => {
+                println!(
+                    "{}",
+                    match v {
+                        Verdict::Passed => "check passed",
+                        Verdict::Failed => "check FAILED",
+                        Verdict::NotCompared =>
+                            "check INCOMPLETE: the CPU checks passed, but without a usable GPU \
+                             the two backends were not compared",
+                    }
+                );
+                return ExitCode::from(v.exit_status());
             }
             Err(e) => Err(e),
         }
@@ -1134,5 +1162,22 @@ fn main() -> ExitCode {
             eprintln!("train_shift: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a GPU, `--check` has not compared the backends: it must not
+    /// report success.
+    #[test]
+    fn check_without_a_gpu_is_not_a_pass() {
+        let no_gpu = Err(tram_kernels::Error::CudaUnavailable(
+            "no GPU in this test".into(),
+        ));
+        let v = check(no_gpu).unwrap();
+        assert_eq!(v, Verdict::NotCompared);
+        assert_ne!(v.exit_status(), 0);
     }
 }

@@ -57,7 +57,7 @@ pub struct PerturbStatus(pub u32);
 
 impl PerturbStatus {
     /// ε = ρ·w/(N + 1e-12) was added to θ (norm finite and > 0, ρ finite and
-    /// ≥ 0; ε is zero everywhere when ρ = 0).
+    /// ≥ 0; ε is zero everywhere when ρ = 0). `OVERFLOW` may come with it.
     pub const APPLIED: u32 = 1;
     /// The norm was zero: ε = 0, θ unchanged (not an error).
     pub const ZERO_NORM: u32 = 1 << 1;
@@ -68,6 +68,13 @@ impl PerturbStatus {
     pub const NONFINITE_RADIUS: u32 = 1 << 3;
     /// The radius was negative: θ unchanged.
     pub const NEGATIVE_RADIUS: u32 = 1 << 4;
+    /// Set together with `APPLIED`: θ + ε overflowed the parameter type, so
+    /// some element whose θ (or master value) was finite was written as ±inf.
+    /// θ was written all the same; the in-place backup still holds θ bit for
+    /// bit (restore it, as after a `found_inf` step), the master weights are
+    /// untouched, and an out-of-place θ is only read. Elements already
+    /// infinite in θ do not set it.
+    pub const OVERFLOW: u32 = 1 << 5;
 
     pub const fn applied(self) -> bool {
         self.0 & Self::APPLIED != 0
@@ -77,6 +84,10 @@ impl PerturbStatus {
     }
     pub const fn found_inf(self) -> bool {
         self.0 & Self::NONFINITE_GRAD != 0
+    }
+    /// θ + ε overflowed to ±inf somewhere (see [`PerturbStatus::OVERFLOW`]).
+    pub const fn overflow(self) -> bool {
+        self.0 & Self::OVERFLOW != 0
     }
     pub const fn bad_radius(self) -> bool {
         self.0 & (Self::NONFINITE_RADIUS | Self::NEGATIVE_RADIUS) != 0

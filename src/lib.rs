@@ -19,6 +19,6 @@ pub use config::{
     Radius, Reduction, StepCounter, TramConfig, TramVariant,
 };
 pub use dtype::{DType, Element};
-pub use error::{Error, Result};
+pub use error::{DriverError, Error, Result};
 pub use half::{bf16, f16};
 pub use step::{StepReport, StepStatus, Tram, TramState};

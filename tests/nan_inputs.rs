@@ -173,7 +173,7 @@ mod gpu {
         theta[10] = f32::from_bits(0xffc0_0042); // a negative one
         let g = rand_vec(&mut rng, N, 0.1);
         let s = gpu.stream();
-        let mut dp = s.clone_htod(&theta).unwrap();
+        let dp = s.clone_htod(&theta).unwrap();
         let dg = s.clone_htod(&g).unwrap();
         let db = s.clone_htod(&vec![0.0f32; N]).unwrap();
         let d = s.clone_htod(&[0.5f32]).unwrap();

@@ -6,8 +6,10 @@
 //   in-order    blocks in index order, one at a time; the lowest-numbered
 //               runnable thread first (so warp 0 runs ahead of the others);
 //   reverse     blocks and threads from the highest index down;
-//   random:S    a seeded interleaving: up to 4 blocks resident at once, a random
-//               runnable thread of a random block at every visible point;
+//   random:S    a seeded interleaving: up to 8 blocks resident at once, the
+//               one of highest priority running a random runnable thread at
+//               every visible point; blocks stall (demoted) at atomics and
+//               fences, a few per launch until every other block has finished;
 //   threads:N   blocks on N OS threads at once, for real cross-block races.
 //
 // It checks what a GPU would fault on or what CUDA leaves undefined: a barrier
@@ -44,6 +46,10 @@
 #include <sanitizer/common_interface_defs.h>
 
 namespace bc = boost::context::detail;
+
+extern "C" {
+__attribute__((visibility("default"))) int tram_emu_watch_hinted = 0;
+}
 
 namespace emu {
 
@@ -106,18 +112,33 @@ std::string Settings::describe() const {
 }
 
 const Settings& settings() {
-    static const Settings s = read_settings();
+    static const Settings s = [] {
+        Settings r = read_settings();
+        tram_emu_watch_hinted = r.order == Order::Random;
+        return r;
+    }();
     return s;
+}
+
+static void vnote(const char* fmt, va_list ap) {
+    fputs("tram-emu: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    fflush(stderr);
+}
+
+void note(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vnote(fmt, ap);
+    va_end(ap);
 }
 
 void die(const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fputs("tram-emu: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    vnote(fmt, ap);
     va_end(ap);
-    fflush(stderr);
     abort();
 }
 
@@ -276,6 +297,7 @@ struct Block {
     unsigned bar_result[2] = {0, 0};
     const char* bar_site = nullptr;
     uint64_t priority = 0;              // random schedule: highest runs
+    bool parked = false;                // random schedule: set aside to the end
     std::vector<unsigned char> shared;  // saved shared memory while not loaded
 
     void set_ready(Thread& t) {
@@ -391,10 +413,29 @@ static void ensure_altstack() {
 }
 #endif
 
+// Every sanitizer runtime in the process gets the callback: with ASan and
+// UBSan both linked there are two (libasan, libubsan), each with its own.
+static void set_death_callbacks() {
+    dl_iterate_phdr(
+        [](dl_phdr_info* info, size_t, void*) -> int {
+            const char* name = info->dlpi_name;
+            if (!name || !strstr(name, "san.so")) return 0;
+            void* h = dlopen(name, RTLD_NOW | RTLD_NOLOAD);
+            if (!h) return 0;
+            using Set = void (*)(void (*)(void));
+            if (auto set = reinterpret_cast<Set>(dlsym(h, "__sanitizer_set_death_callback")))
+                set(death_callback);
+            dlclose(h);
+            return 0;
+        },
+        nullptr);
+}
+
 static void install_handlers() {
     static std::once_flag once;
     std::call_once(once, [] {
         __sanitizer_set_death_callback(death_callback);
+        set_death_callbacks();
 #if !defined(TRAM_EMU_ASAN)
         struct sigaction sa{};
         sa.sa_sigaction = on_fault;
@@ -437,19 +478,34 @@ public:
     // Runs the blocks `next` hands out until it has none left.
     template <typename Next>
     void run(Next next) {
-        const unsigned max_resident = order_ == Order::Random ? 4 : 1;
+        const unsigned max_resident = order_ == Order::Random ? 8 : 1;
+        if (order_ == Order::Random)
+            park_one_in_ = std::max<uint64_t>(4, L_.grid.count() / kMaxParked);
         for (;;) {
             while (resident_.size() < max_resident) {
                 uint64_t b;
                 if (!next(&b)) break;
                 resident_.push_back(make_block(b));
             }
-            if (resident_.empty()) return;
+            if (resident_.empty()) {
+                if (parked_.empty()) return;
+                // Every other block has finished: the parked ones resume, in a
+                // random order of their own.
+                for (auto& p : parked_) {
+                    p->priority = rng_.next();
+                    resident_.push_back(std::move(p));
+                }
+                parked_.clear();
+            }
             Block* B = pick_block();
             Thread* t = pick_thread(*B);
             load_shared(*B);
             resume(*t);
-            if (B->live == 0) retire(B);
+            if (B->live == 0) {
+                retire(B);
+            } else if (B->parked) {
+                park(B);
+            }
         }
     }
 
@@ -467,15 +523,27 @@ public:
     }
 
     bool adversarial() const { return order_ == Order::Random; }
-
-    // Called at a visible point of the running thread's block.
-    void maybe_demote(int kind) {
-        Block* B = tl_current->block;
-        if ((kind == TRAM_EMU_ATOMIC || kind == TRAM_EMU_FENCE) && rng_.chance(4))
-            B->priority = --low_water_;
-    }
-
     Rng& rng() { return rng_; }
+
+    // Called at a visible point of the running thread. Just after an atomic
+    // (a ticket or flag taken, the work it orders not yet done) its block may
+    // be parked: set aside until every other block of the launch has
+    // finished, as a GPU may leave a resident block unscheduled that long (a
+    // few times a launch). At that and at other atomics and fences it may
+    // instead drop below every other resident block for a while. The thread
+    // then yields, so the block stalls right there.
+    bool maybe_demote(int kind) {
+        Block* B = tl_current->block;
+        if (kind == TRAM_EMU_ATOMIC_DONE && !B->parked && parked_.size() < kMaxParked &&
+            rng_.below(park_one_in_) == 0) {
+            B->parked = true;
+            B->priority = --low_water_;
+            return true;
+        }
+        if (kind == TRAM_EMU_LOAD_CG || kind == TRAM_EMU_STORE_CG || !rng_.chance(4)) return false;
+        B->priority = --low_water_;
+        return true;
+    }
 
 private:
     std::unique_ptr<Block> make_block(uint64_t linear) {
@@ -626,6 +694,17 @@ private:
         B.live--;
     }
 
+    void park(Block* B) {
+        if (current_ == B) current_ = nullptr;
+        for (size_t i = 0; i < resident_.size(); i++) {
+            if (resident_[i].get() == B) {
+                parked_.push_back(std::move(resident_[i]));
+                resident_.erase(resident_.begin() + (ptrdiff_t)i);
+                return;
+            }
+        }
+    }
+
     void retire(Block* B) {
         if (loaded_ == B) loaded_ = nullptr;
         if (current_ == B) current_ = nullptr;
@@ -674,6 +753,9 @@ private:
     StackPool& pool_;
     Region region_;
     std::vector<std::unique_ptr<Block>> resident_;
+    std::vector<std::unique_ptr<Block>> parked_;  // random schedule: run last
+    static constexpr size_t kMaxParked = 16;
+    uint64_t park_one_in_ = 0;
     Block* loaded_ = nullptr;
     Block* current_ = nullptr;
     uint64_t low_water_ = 1ull << 62;  // demoted blocks sit below every new one
@@ -911,17 +993,19 @@ extern "C" __attribute__((visibility("default"))) void tram_emu_point(int kind, 
         if (!addr) emu::fail_here(site, "%u-byte access through a null pointer", size);
         if ((uintptr_t)addr % size)
             emu::fail_here(site, "misaligned %u-byte %s at %p", size,
-                           kind == TRAM_EMU_ATOMIC ? "atomic" : "access", (const void*)addr);
+                           kind == TRAM_EMU_LOAD_CG || kind == TRAM_EMU_STORE_CG ? "access" : "atomic",
+                           (const void*)addr);
     } else {
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
     }
     Runner* R = Runner::tl_runner;
     // Under the adversarial schedule, let someone else run here: at half the
     // atomics and fences (where cross-thread orders are decided), at one in
-    // eight of the far more numerous cache-hinted loads and stores.
+    // 32 of the far more numerous cache-hinted loads and stores.
     if (R->adversarial()) {
-        R->maybe_demote(kind);
-        if (R->rng().chance(kind == TRAM_EMU_ATOMIC || kind == TRAM_EMU_FENCE ? 2 : 8)) R->yield_current();
+        const bool stall = R->maybe_demote(kind);
+        if (stall || R->rng().chance(kind == TRAM_EMU_LOAD_CG || kind == TRAM_EMU_STORE_CG ? 32 : 2))
+            R->yield_current();
     }
 }
 

@@ -127,6 +127,13 @@ fn build(
             t.target % target.size() as u64 == 0 && t.theta % theta.size() as u64 == 0,
             "tensor {i}: an address is not aligned to its element size"
         );
+        super::buffer_end(
+            &format!("tensor {i}: target"),
+            t.target,
+            t.len,
+            target.size(),
+        )?;
+        super::buffer_end(&format!("tensor {i}: θ"), t.theta, t.len, theta.size())?;
         // Slots mirror EMA_SLOT_* in kernels/ema.cu.
         table.push(MtTensor {
             ptr: [t.target, t.theta, 0, 0, 0, 0],

@@ -17,10 +17,20 @@
 //! relative error below 4.1e-7 for every geometry and any group of up to 2^28
 //! elements per launch (each term and runs of at most 8 terms in f32, at most
 //! 13 roundings of 2^-24 on sum_sq; f64 sums beyond; see the kernel's header),
-//! documented and tested as 1e-6. A term is formed
-//! in f32, so |inv_scale·g| above ~1.8e19 makes the norm non-finite (with
-//! `found_inf` 0: it flags inf/NaN gradient elements only, as the CPU
-//! reference's does).
+//! documented and tested as 1e-6.
+//!
+//! Huge gradients: terms are formed in f32, whose square overflows once
+//! |inv_scale·g| exceeds ~1.8e19. When that happens with every gradient finite,
+//! the launch sums the group again with f64 terms (in its last block, so the
+//! common case does not pay for it), and the norm is the finite one the CPU
+//! reference returns (within ~1e-10 relative). It is non-finite only for an
+//! inf/NaN gradient (`found_inf` is then 1: it flags inf/NaN gradient elements
+//! only, as the CPU reference's does) or, under the adaptive geometry, an
+//! inf/NaN θ.
+//!
+//! Tiny gradients: terms below f32's normal range (|inv_scale·g| below ~1e-19)
+//! are summed as f32 subnormals or zeros, so a group whose every scaled
+//! gradient is that small gets a less accurate norm than stated above.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 

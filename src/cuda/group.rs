@@ -133,8 +133,8 @@ pub struct NormState {
     /// 1 when a gradient element (of a tensor with a gradient) is inf or NaN:
     /// PyTorch GradScaler's `found_inf`, set by the norm. Like the CPU
     /// reference's it looks at gradients only: a non-finite θ under the
-    /// adaptive geometry, or a term overflowing f32, makes `sum_sq` non-finite
-    /// (and the perturbation reports `NONFINITE_GRAD`) with `found_inf` 0.
+    /// adaptive geometry makes `sum_sq` non-finite (and the perturbation
+    /// reports `NONFINITE_GRAD`) with `found_inf` 0.
     /// [`finish`](super::grad_norm::finish) raises it for a non-finite
     /// all-reduced `sum_sq`.
     pub found_inf: u32,
@@ -281,14 +281,7 @@ pub fn describe(
                 "tensor {i}: {name} address {:#x} is not aligned to its {size}-byte elements",
                 b.ptr
             );
-            let bytes = len
-                .checked_mul(size as u64)
-                .and_then(|n| b.ptr.checked_add(n));
-            let Some(end) = bytes else {
-                return Err(crate::Error::InvalidArgument(format!(
-                    "tensor {i}: {name} extends past the address space"
-                )));
-            };
+            let end = super::buffer_end(&format!("tensor {i}: {name}"), b.ptr, len, size)?;
             e.ptr[slot as usize] = b.ptr;
             ranges.push((b.ptr, end, i));
         }
@@ -327,11 +320,17 @@ pub fn chunk_map(lens: &[u64], active: &[bool]) -> Result<ChunkMap> {
         active.len(),
         lens.len()
     );
-    let total: u64 = lens.iter().map(|&l| l.div_ceil(MT_CHUNK)).sum();
-    ensure!(
-        total <= u32::MAX as u64,
-        "{total} chunks is more than one launch can index"
-    );
+    let total = lens
+        .iter()
+        .try_fold(0u64, |n, &l| n.checked_add(l.div_ceil(MT_CHUNK)))
+        .filter(|&n| n <= u32::MAX as u64);
+    let Some(total) = total else {
+        return Err(crate::Error::InvalidArgument(format!(
+            "{} tensors of {} elements in all are more chunks than one launch can index (2^32 - 1)",
+            lens.len(),
+            lens.iter().map(|&l| l as u128).sum::<u128>()
+        )));
+    };
     let mut chunks = Vec::with_capacity(total as usize);
     let mut n_active = 0;
     for pass in [true, false] {
@@ -545,7 +544,9 @@ impl<'a> ParamGroup<'a> {
         let n_chunks_dev = stream.clone_htod(&[counts[0], counts[1], counts[0], counts[1]])?;
         // One sum and one found-inf flag per block.
         let partials = stream.alloc_zeros::<f64>(2 * norm_grid as usize)?;
-        let counter = stream.alloc_zeros::<u32>(1)?;
+        // [norm ticket, perturbation ticket, perturbation overflow count]:
+        // each kernel leaves its words zero.
+        let counter = stream.alloc_zeros::<u32>(3)?;
         let state = stream.alloc_zeros::<NormState>(1)?;
         let addrs = [
             addr(&table_dev, &stream),
@@ -729,6 +730,11 @@ impl<'a> ParamGroup<'a> {
     pub(crate) fn counter_ptr(&self) -> u64 {
         self.addrs[4]
     }
+
+    /// The perturbation's two scratch words (after the norm's counter).
+    pub(crate) fn perturb_scratch_ptr(&self) -> u64 {
+        self.addrs[4] + 4
+    }
 }
 
 fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -803,6 +809,18 @@ mod tests {
         let begin = last.index as u64 * MT_CHUNK;
         assert!(begin > u32::MAX as u64);
         assert_eq!(len - begin, 5);
+    }
+
+    #[test]
+    fn chunk_counts_that_overflow_are_errors() {
+        // 65,536 × 2^48 chunks: the u64 count wraps to 0.
+        let lens = vec![u64::MAX; 1 << 16];
+        assert!(chunk_map(&lens, &vec![true; 1 << 16]).is_err());
+        assert!(chunk_map(&[u64::MAX, u64::MAX], &[true, false]).is_err());
+        // Just within one launch's index: 2^32 − 1 chunks (not built here).
+        let within = [(u32::MAX as u64 - 1) * MT_CHUNK, 0];
+        let total: u64 = within.iter().map(|l| l.div_ceil(MT_CHUNK)).sum();
+        assert_eq!(total, u32::MAX as u64 - 1);
     }
 
     #[test]

@@ -49,6 +49,17 @@
 //!   whose weight e^((a − max a)/τ) is below f32's normal range (~1e-38), e.g.
 //!   f16/bf16 rows at σ = 30 whose KL is ~1e-70; their relative error can
 //!   reach ~1e-3 (f32 subnormals).
+//! * Also outside it: logits far apart in magnitude. The difference a − b is
+//!   formed in f64 for f32 inputs and in f32 for f16/bf16, exact only while a
+//!   and b lie within ~29 binades of each other (f32; ~13 for f16, ~16 for
+//!   bf16); beyond, its rounding (about 1e-16·|a − b| for f32) enters every x.
+//!   Measured with the kernel's numerics compiled for the host, f32, one
+//!   side constant at an offset and the other ~ N(0, 9), V = 1,000: relative
+//!   error 7e-9 at 1e6 and 8e-9 at 1e8 (tests/gpu_kl_div.rs checks offsets up
+//!   to 1e8 within the bound, gradients included), 4e-7 at 1e10, 0.5 at 1e16,
+//!   1.0 at 3e38; f16 at 65,504 against the same spread misses the gradient
+//!   bound. The CPU reference has no such limit (it carries the difference
+//!   exactly).
 //! * Gradients: each entry within 1e-4·|g| + 1e-5·max_row|g| of the oracle
 //!   before the final rounding to the output dtype (½ ulp of that dtype more).
 //!   `q − p` is formed as `p·expm1(log q − log p)` with the reference kept at
@@ -198,20 +209,29 @@ pub struct KlReadback {
 }
 
 impl KlWorkspace {
-    /// Bytes of device memory a workspace for `max_rows` rows takes.
-    pub fn bytes(max_rows: usize, sm_count: u32) -> usize {
-        max_rows * std::mem::size_of::<RowStats>()
-            + partials_capacity(sm_count) * PARTIAL_BYTES
-            + 4 * 8
-            + 4
+    /// Bytes of device memory a workspace for `max_rows` rows takes on a
+    /// device with `sm_count` SMs; `Err` when that does not fit in a `usize`.
+    pub fn bytes(max_rows: usize, sm_count: u32) -> Result<usize> {
+        partials_capacity(sm_count)
+            .checked_mul(PARTIAL_BYTES)
+            .and_then(|p| p.checked_add(Self::stats_bytes(max_rows).ok()?))
+            .and_then(|b| b.checked_add(4 * 8 + 4))
+            .ok_or_else(|| too_many_rows(max_rows))
+    }
+
+    fn stats_bytes(max_rows: usize) -> Result<usize> {
+        max_rows
+            .checked_mul(std::mem::size_of::<RowStats>())
+            .ok_or_else(|| too_many_rows(max_rows))
     }
 
     /// A workspace for problems of up to `max_rows` rows (any vocabulary).
     pub fn new(backend: &CudaBackend, max_rows: usize) -> Result<Self> {
         ensure!(max_rows > 0, "KlWorkspace needs max_rows > 0");
+        Self::bytes(max_rows, backend.sm_count())?;
         let stream = backend.stream();
         let partial_cap = partials_capacity(backend.sm_count());
-        let stats = stream.alloc_zeros::<u8>(max_rows * std::mem::size_of::<RowStats>())?;
+        let stats = stream.alloc_zeros::<u8>(Self::stats_bytes(max_rows)?)?;
         let partials = stream.alloc_zeros::<u8>(partial_cap * PARTIAL_BYTES)?;
         let scalars = stream.alloc_zeros::<f64>(4)?;
         let value = stream.alloc_zeros::<f32>(1)?;
@@ -288,6 +308,12 @@ impl KlWorkspace {
             all_masked: unmasked_rows == 0,
         })
     }
+}
+
+fn too_many_rows(max_rows: usize) -> crate::Error {
+    crate::Error::InvalidArgument(format!(
+        "a KL workspace for {max_rows} rows needs more bytes than a usize holds"
+    ))
 }
 
 /// A row-major logit matrix on the device: `rows × vocab`, row `r` starting at
@@ -635,23 +661,27 @@ pub unsafe fn kl_div_raw(
     per_row: Option<u64>,
     grads: Option<RawGrads>,
 ) -> Result<()> {
+    // Shapes, and that each matrix fits below the top of the address space.
+    let raw_extent = |what: &str, ptr: u64, l: &RawLogits, stride: usize| {
+        check_shape(what, l.rows, l.vocab, stride, usize::MAX)?;
+        ensure!(ptr != 0, "{what}: null pointer");
+        let n = span(l.rows, l.vocab, stride).unwrap_or(usize::MAX);
+        super::buffer_end(what, ptr, n as u64, l.dtype.size()).map(|_| ())
+    };
     for (what, l) in [("target", &target), ("model", &model)] {
-        check_shape(what, l.rows, l.vocab, l.row_stride, usize::MAX)?;
-        ensure!(l.ptr != 0, "{what}: null pointer");
+        raw_extent(what, l.ptr, l, l.row_stride)?;
     }
     if let Some(g) = grads.as_ref() {
-        check_shape(
-            "model gradient",
-            model.rows,
-            model.vocab,
-            g.model.1,
-            usize::MAX,
-        )?;
-        ensure!(g.model.0 != 0, "model gradient: null pointer");
+        raw_extent("model gradient", g.model.0, &model, g.model.1)?;
         if let Some(t) = g.target {
-            check_shape("target gradient", model.rows, model.vocab, t.1, usize::MAX)?;
-            ensure!(t.0 != 0, "target gradient: null pointer");
+            raw_extent("target gradient", t.0, &model, t.1)?;
         }
+    }
+    if let Some(p) = per_row {
+        super::buffer_end("per-row output", p, model.rows as u64, 4)?;
+    }
+    if let Some(m) = mask {
+        super::buffer_end("mask", m, model.rows as u64, 1)?;
     }
     // SAFETY: the caller upholds this function's contract, which is launch's.
     unsafe { launch(backend, target, model, mask, opts, ws, per_row, grads) }
@@ -911,9 +941,17 @@ mod tests {
     #[test]
     fn workspace_size_does_not_depend_on_vocab() {
         assert_eq!(
-            KlWorkspace::bytes(16_384, 132),
+            KlWorkspace::bytes(16_384, 132).unwrap(),
             16_384 * 64 + 396 * 104 + 36
         );
+    }
+
+    #[test]
+    fn workspace_sizes_that_overflow_are_errors() {
+        // max_rows × 64 bytes wraps around usize.
+        assert!(KlWorkspace::bytes(usize::MAX / 64 + 2, 132).is_err());
+        assert!(KlWorkspace::bytes(usize::MAX / 64, u32::MAX).is_err());
+        assert!(KlWorkspace::bytes(usize::MAX, 1).is_err());
     }
 
     #[test]

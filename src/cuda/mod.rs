@@ -8,7 +8,7 @@ mod fatbin;
 pub mod grad_norm;
 pub mod group;
 pub mod kl_div;
-mod libcuda;
+pub(crate) mod libcuda;
 pub mod noise;
 pub mod optimizer;
 pub mod perturb;
@@ -24,7 +24,7 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 use cudarc::nvrtc::Ptx;
 
-use crate::error::{Error, Result};
+use crate::error::{DriverError, Error, Result};
 
 /// Kernels loaded into one CUDA context, launching on one stream.
 ///
@@ -80,8 +80,7 @@ impl CudaBackend {
     /// when the device does not exist.
     pub fn new(ordinal: usize) -> Result<Self> {
         check_ptx_built()?;
-        let ctx = guarded("creating a CUDA context", || CudaContext::new(ordinal))?
-            .map_err(|e| Error::CudaUnavailable(format!("no CUDA device {ordinal}: {e:?}")))?;
+        let ctx = context(ordinal)?;
         let stream = guarded("creating a stream", || ctx.new_stream())??;
         Self::from_stream(stream)
     }
@@ -103,15 +102,16 @@ impl CudaBackend {
             // The driver takes the SASS that fits the device, else JIT-compiles the PTX.
             let image = Ptx::from_binary(bytes.to_vec());
             let module = guarded("loading kernels", || ctx.load_module(image))?.map_err(|e| {
+                let e = DriverError::from_cudarc(e);
                 Error::CudaUnavailable(format!(
-                    "the driver rejected the kernels of {module_name}.cu ({e:?}); they were built \
+                    "the driver rejected the kernels of {module_name}.cu ({e}); they were built \
                      by {}, whose machine code needs a driver of its CUDA major version or newer \
                      and whose PTX a driver of its CUDA version or newer",
                     ptx::NVCC.unwrap_or("unknown nvcc")
                 ))
             })?;
             for entry in ptx::entry_points(ptx_text) {
-                let f = module.load_function(entry)?;
+                let f = guarded("loading a kernel", || module.load_function(entry))??;
                 functions.insert(entry.to_string(), f);
             }
         }
@@ -187,6 +187,43 @@ impl CudaBackend {
     }
 }
 
+/// The primary context of device `ordinal`, for building the stream a
+/// [`CudaBackend::from_stream`] runs on (`ctx.new_stream()`, or
+/// `ctx.wrap_borrowed_stream(raw)` around a framework's `CUstream`).
+///
+/// Unlike cudarc's `CudaContext::new`, which panics where no driver library
+/// can be loaded, this returns [`Error::CudaUnavailable`] when there is no
+/// driver library, the driver lacks a function it needs, or the device does
+/// not exist.
+///
+/// ```no_run
+/// # fn main() -> tram_kernels::Result<()> {
+/// let ctx = tram_kernels::cuda::context(0)?;
+/// let gpu = tram_kernels::cuda::CudaBackend::from_stream(ctx.new_stream()?)?;
+/// # let _ = gpu;
+/// # Ok(())
+/// # }
+/// ```
+pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    guarded("creating a CUDA context", || CudaContext::new(ordinal))?.map_err(|e| {
+        let e = DriverError::from_cudarc(e);
+        Error::CudaUnavailable(format!("no CUDA device {ordinal}: {e}"))
+    })
+}
+
+/// The end address of `len` elements of `size` bytes at device address
+/// `ptr`; `Err` naming `what` when the buffer would run past the end of the
+/// 64-bit address space (a length no allocation can have).
+pub(crate) fn buffer_end(what: &str, ptr: u64, len: u64, size: usize) -> Result<u64> {
+    len.checked_mul(size as u64)
+        .and_then(|n| ptr.checked_add(n))
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{what}: {len} elements of {size} bytes at {ptr:#x} extend past the address space"
+            ))
+        })
+}
+
 /// A kernel name being assembled, on the stack.
 struct NameBuf {
     bytes: [u8; 96],
@@ -253,8 +290,17 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::NameBuf;
+    use super::{buffer_end, NameBuf};
     use std::fmt::Write;
+
+    #[test]
+    fn buffers_past_the_address_space_are_errors() {
+        assert_eq!(buffer_end("x", 0x1000, 4, 4).unwrap(), 0x1010);
+        assert_eq!(buffer_end("x", u64::MAX - 4, 1, 4).unwrap(), u64::MAX);
+        assert!(buffer_end("x", u64::MAX - 3, 1, 4).is_err());
+        assert!(buffer_end("x", 0x1000, u64::MAX / 2, 4).is_err());
+        assert!(buffer_end("x", 0x1000, u64::MAX, 2).is_err());
+    }
 
     #[test]
     fn kernel_names_are_assembled_on_the_stack() {

@@ -180,5 +180,7 @@ pub unsafe fn add_noise_raw(
             && out % dtype.size() as u64 == 0,
         "null or misaligned noise buffer"
     );
+    super::buffer_end("noise input", input, n, dtype.size())?;
+    super::buffer_end("noise output", out, n, dtype.size())?;
     launch(backend, input, out, n, dtype, cfg, step)
 }

@@ -451,6 +451,18 @@ fn build(
             aligned,
             "tensor {i}: an address is not aligned to its element size"
         );
+        let extents = [
+            ("param", t.param, param.size()),
+            ("grad", t.grad, grad.size()),
+            ("source", t.source, src_size as usize),
+            ("m", t.m, 4),
+            ("v", t.v, 4),
+        ];
+        for (what, ptr, size) in extents {
+            if ptr != 0 {
+                super::buffer_end(&format!("tensor {i}: {what}"), ptr, t.len, size)?;
+            }
+        }
         // Slot order mirrors OPT_SLOT_* in kernels/optimizer.cu.
         table.push(MtTensor {
             ptr: [t.param, t.grad, t.source, t.m, t.v, t.weight_decay as u64],

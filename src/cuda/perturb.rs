@@ -10,7 +10,9 @@
 //!
 //! - N not finite → `NONFINITE_GRAD`; ρ not finite → `NONFINITE_RADIUS`;
 //!   ρ < 0 → `NEGATIVE_RADIUS` (bits combine); θ unchanged.
-//! - otherwise N = 0 → `ZERO_NORM`, θ unchanged; else `APPLIED`.
+//! - otherwise N = 0 → `ZERO_NORM`, θ unchanged; else `APPLIED`, with
+//!   `OVERFLOW` added when some finite θ (or master value) was written as
+//!   ±inf (θ is written all the same; the backup keeps it for `restore`).
 //!
 //! Modes ([`PerturbMode`]): in place with a backup (the backup is written
 //! whatever the status), from f32 master weights into the working copy
@@ -25,6 +27,14 @@
 //! computed exactly (f64) from the norm and ρ in the state. SAM uses one f32
 //! fma per element with ρ·s/(N + 1e-12) rounded once to f32; adaptive and
 //! Fisher compute in f64 for f32 parameters and in f32 for f16/bf16 ones.
+//! Huge numbers: SAM and adaptive compute in f64 for the whole launch when
+//! ρ·s/(N + 1e-12) is not a normal f32 (e.g. a norm near 1e21 with ρ below
+//! ~1e-17) or N passes 2^60, and Fisher in f32 takes w = 1/(1/x + η x) for
+//! |x| = |s·g| ≥ 2^32, where the square would overflow. Outside the bound, for
+//! f16/bf16 parameters only: with N below 2^60, an adaptive (|θ|+η)²·g past
+//! ~3.4e38 (|θ| beyond ~1e19·s) comes out infinite (and the status says
+//! `OVERFLOW`), and a Fisher coefficient, or an adaptive c·s, below ~1e-38
+//! keeps fewer digits.
 //!
 //! Norm and perturbation together are two launches for any number of tensors,
 //! with no allocation and no host sync.
@@ -300,7 +310,7 @@ unsafe fn launch(
         group.grad_dtype().name()
     ))?;
     let (table, chunks, n_chunks) = (group.table_ptr(), group.chunks_ptr(), group.n_chunks_ptr());
-    let state = group.state_ptr();
+    let (state, scratch) = (group.state_ptr(), group.perturb_scratch_ptr());
     let (geometry, eta) = (opts.geometry.code(), opts.geometry.eta());
     let mut b = backend.stream().launch_builder(f);
     b.arg(&table)
@@ -314,6 +324,7 @@ unsafe fn launch(
         .arg(&radius_dev)
         .arg(&divergence)
         .arg(&state)
+        .arg(&scratch)
         .arg(&inv_scale_dev);
     let cfg = LaunchConfig {
         grid_dim: (group.perturb_grid(opts.mode), 1, 1),
@@ -326,7 +337,8 @@ unsafe fn launch(
     // lifetime; the mode's slot is filled (checked above); `divergence` is
     // read only for a trust-region radius, where it is non-zero and live by
     // this function's contract; `radius_dev` is 0 (unused) or live by the
-    // callers' contracts.
+    // callers' contracts; `scratch` is two u32 the group owns, zero between
+    // launches (the kernel's last block resets them).
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

@@ -27,6 +27,7 @@ enum tram_emu_point_kind {
     TRAM_EMU_FENCE = 2,
     TRAM_EMU_LOAD_CG = 3,
     TRAM_EMU_STORE_CG = 4,
+    TRAM_EMU_ATOMIC_DONE = 5,  // just after an atomic took effect
 };
 
 // Kinds of warp shuffle.
@@ -47,6 +48,9 @@ void tram_emu_shuffle(unsigned mask, void* value, unsigned size, int kind, int l
 // A memory operation other threads may observe (atomic, fence, .cg load/store):
 // checked for alignment, and a point where an adversarial schedule may switch.
 void tram_emu_point(int kind, const volatile void* addr, unsigned size, const char* site);
+// Nonzero when the schedule wants to see the cache-hinted loads and stores
+// (there are many: otherwise the header only checks their alignment).
+extern int tram_emu_watch_hinted;
 // Stops the process with a diagnostic naming the kernel, block and thread.
 void tram_emu_fail(const char* what, const char* site) __attribute__((noreturn));
 

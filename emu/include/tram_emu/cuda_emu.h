@@ -99,6 +99,9 @@ inline T atomic_rmw(const char* site, T* p, F f) {
     T next = f(old);
     while (!__atomic_compare_exchange(p, &old, &next, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
         next = f(old);
+    // The thread may stall right after its atomic too (a ticket taken, the
+    // work it orders not yet done).
+    tram_emu_point(TRAM_EMU_ATOMIC_DONE, p, sizeof(T), site);
     return old;
 }
 template <typename T, typename U>
@@ -134,15 +137,21 @@ inline T atomic_cas(const char* site, T* p, U compare, W v) {
     return atomic_rmw(site, p, [compare, v](T x) { return x == (T)compare ? (T)v : x; });
 }
 
-// Loads and stores with a cache hint: plain accesses, visible to the schedule.
+// Loads and stores with a cache hint: plain accesses, alignment-checked, and
+// visible to a schedule that wants them.
+template <typename T>
+inline void hinted(int kind, const T* p, const char* site) {
+    if (tram_emu_watch_hinted || (uintptr_t)p % sizeof(T) != 0 || !p)
+        tram_emu_point(kind, p, sizeof(T), site);
+}
 template <typename T>
 inline T load_hint(const char* site, const T* p) {
-    tram_emu_point(TRAM_EMU_LOAD_CG, p, sizeof(T), site);
+    hinted(TRAM_EMU_LOAD_CG, p, site);
     return *p;
 }
 template <typename T, typename U>
 inline void store_hint(const char* site, T* p, U v) {
-    tram_emu_point(TRAM_EMU_STORE_CG, p, sizeof(T), site);
+    hinted(TRAM_EMU_STORE_CG, p, site);
     *p = v;
 }
 
