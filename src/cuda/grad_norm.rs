@@ -1,7 +1,7 @@
 //! Global gradient norm over every tensor of a [`ParamGroup`], in one launch
 //! (`kernels/grad_norm.cu`), for the three geometries of [`Geometry`].
 //!
-//! The result stays on the device, in the group's [`NormState`]
+//! The result stays on the device, in the group's [`NormState`](super::group::NormState)
 //! (`sum_sq`, `norm`, `found_inf`: see there); [`ParamGroup::read_state`] fetches it
 //! when the host wants it, outside the step. Sharded (ZeRO/FSDP) callers
 //! all-reduce `sum_sq` (an f64 at [`ParamGroup::state_ptr`]) across ranks
@@ -71,7 +71,7 @@ pub(crate) fn check_geometry(geometry: Geometry, inv_scale: f32) -> Result<()> {
 }
 
 /// Enqueues the norm of the group's tensors that have a gradient, into the
-/// group's [`NormState`]. One launch; no allocation, no host sync. With
+/// group's [`NormState`](super::group::NormState). One launch; no allocation, no host sync. With
 /// master weights the adaptive geometry reads θ from the f32 master copy.
 pub fn grad_norm(backend: &CudaBackend, group: &ParamGroup<'_>, opts: NormOptions) -> Result<()> {
     launch(backend, group, opts, 0)
@@ -137,7 +137,7 @@ fn launch(
     Ok(())
 }
 
-/// Recomputes `norm` of the group's [`NormState`] from its `sum_sq`, for a
+/// Recomputes `norm` of the group's [`NormState`](super::group::NormState) from its `sum_sq`, for a
 /// sharded group after `sum_sq` was all-reduced, and raises `found_inf` when
 /// that sum is not finite. One single-thread launch.
 pub fn finish(backend: &CudaBackend, group: &ParamGroup<'_>) -> Result<()> {
