@@ -30,6 +30,10 @@
 //! GPU (or with TRAM_BENCH=cpu) it prints why and exits 0; with
 //! TRAM_REQUIRE_GPU=1 a missing GPU is a panic.
 //!
+//! First, the host cost of describing the model's 292 tensors to a step at
+//! every call (`stepfig-info describe`; `TRAM_BENCH_STEP=describe` stops
+//! there, small enough for the emulated device).
+//!
 //! A plain program, not criterion: it ignores the arguments `cargo bench`
 //! passes (a filter too) and always measures everything above.
 //!
@@ -104,11 +108,118 @@ fn report(key: &str, ms: f64, bytes: Option<usize>, what: &str) {
     println!("stepfig {key} ms={ms:.4}{gbps} # {what}");
 }
 
+/// Host microseconds per call of `f`: the median of 9 repeats of 20 calls.
+fn host_us(mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..9)
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            for _ in 0..20 {
+                f();
+            }
+            t0.elapsed().as_secs_f64() * 1e6 / 20.0
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[4]
+}
+
+/// The host cost of describing GPT-2 medium's 292 tensors to a step every
+/// call, as a framework that allocates new gradients every backward does:
+/// building the description (from raw addresses: no driver call; from cudarc
+/// slices: one event recorded per buffer, and a wait when it was written),
+/// and the step's check of it, unchanged and with every gradient moved (a
+/// table upload). Small tensors: the cost depends on their count alone.
+fn describe_cost(gpu: &CudaBackend) {
+    let sizes = common::gpt2_medium();
+    let stream = gpu.stream();
+    let alloc = |v: f32| -> Vec<cudarc::driver::CudaSlice<f32>> {
+        sizes
+            .iter()
+            .map(|_| stream.clone_htod(&[v; 4]).expect("alloc"))
+            .collect()
+    };
+    let (mut p, mut b, mut m, mut v) = (alloc(0.5), alloc(0.0), alloc(0.0), alloc(0.0));
+    let grads = [alloc(0.1), alloc(0.2)];
+    let cfg = config(TramVariant::X {
+        noise: NoiseConfig {
+            distribution: NoiseDistribution::Uniform,
+            sigma: 0.01,
+            seed: 1,
+        },
+    });
+    // The addresses, taken once (what a framework holding raw pointers has).
+    let addrs = |x: &[cudarc::driver::CudaSlice<f32>]| -> Vec<u64> {
+        x.iter().map(|s| s.device_ptr(stream).0).collect()
+    };
+    let (pa, ba, ma, va) = (addrs(&p), addrs(&b), addrs(&m), addrs(&v));
+    let ga = [addrs(&grads[0]), addrs(&grads[1])];
+    let raw = |g: &[u64]| -> Vec<Tensor<'static, f32>> {
+        (0..sizes.len())
+            .map(|k| {
+                // SAFETY: live 4-element f32 allocations (only 4 of each are
+                // described), distinct, kept until the end of this function;
+                // one stream.
+                unsafe {
+                    Tensor {
+                        param: DevMut::from_raw(pa[k], 4),
+                        grad: Some(DevRef::from_raw(g[k], 4)),
+                        perturbation: Perturbation::Backup(DevMut::from_raw(ba[k], 4)),
+                        m: Some(DevMut::from_raw(ma[k], 4)),
+                        v: Some(DevMut::from_raw(va[k], 4)),
+                        target: None,
+                        weight_decay: true,
+                    }
+                }
+            })
+            .collect()
+    };
+    let mut step = TramStep::new(gpu, cfg, &raw(&ga[0]), 1).expect("step");
+    let build_raw = host_us(|| drop(std::hint::black_box(raw(&ga[0]))));
+    let build_slices = host_us(|| {
+        let t: Vec<Tensor<'_, f32>> = p
+            .iter_mut()
+            .zip(&grads[0])
+            .zip(b.iter_mut())
+            .zip(m.iter_mut().zip(v.iter_mut()))
+            .map(|(((p, g), b), (m, v))| Tensor {
+                param: DevMut::new(p),
+                grad: Some(DevRef::new(g)),
+                perturbation: Perturbation::Backup(DevMut::new(b)),
+                m: Some(DevMut::new(m)),
+                v: Some(DevMut::new(v)),
+                target: None,
+                weight_decay: true,
+            })
+            .collect();
+        drop(std::hint::black_box(t));
+    });
+    let mut same = raw(&ga[0]);
+    let unchanged = host_us(|| step.prepare(&mut same).expect("prepare"));
+    let mut flip = 0;
+    let moved = host_us(|| {
+        flip ^= 1;
+        let mut t = raw(&ga[flip]);
+        step.prepare(&mut t).expect("prepare");
+    });
+    gpu.synchronize().expect("synchronize");
+    println!(
+        "stepfig-info describe tensors={} host_us: build from raw addresses {build_raw:.1}, \
+         from cudarc slices {build_slices:.1}; prepare unchanged {unchanged:.1}, \
+         every gradient moved (build + validate + upload) {moved:.1}",
+        sizes.len()
+    );
+}
+
 fn main() {
     let Some(gpu) = common::gpu("step") else {
         return;
     };
     let gpu = &gpu;
+    describe_cost(gpu);
+    if std::env::var("TRAM_BENCH_STEP").is_ok_and(|v| v == "describe") {
+        return;
+    }
     let stream = gpu.stream();
     let sizes = common::gpt2_medium();
     let n: usize = sizes.iter().sum();

@@ -41,6 +41,20 @@
 //!   toggle gradients outside the capture (they are host-to-device copies);
 //! - while a stream captures, no thread synchronises the context (see
 //!   [`CudaBackend`]).
+//!
+//! # Host cost of a description
+//!
+//! Each call checks its description in one host pass over the tensors and
+//! compares the tables it implies with those on the device; only when an
+//! address or the gradient toggles changed does it validate the addresses
+//! (a sort, for overlaps) and upload the changed tables (one asynchronous
+//! copy each, up to 56 bytes per tensor). For GPT-2 medium's 292 tensors,
+//! measured on the project's machine (`benches/step.rs`, `describe`): about
+//! 6 µs per call when nothing moved, 38 µs when every gradient moved.
+//! Building the description from cudarc slices ([`DevRef::new`],
+//! [`DevMut::new`]) adds cudarc's bookkeeping per buffer: with event tracking
+//! on, an event recorded (and a wait when the buffer was written on another
+//! stream); from raw addresses it costs nothing.
 
 use std::marker::PhantomData;
 
