@@ -462,6 +462,12 @@ pub struct RawGrads {
 /// The loss: the reduced value into [`KlWorkspace::value`] and, when given,
 /// per-row values (f32, `rows` long) into `per_row`. Asynchronous on the
 /// backend's stream.
+///
+/// The logits' addresses were taken when they were described; the mask and
+/// `per_row` are cudarc views whose addresses cudarc hands out at this call
+/// (recording events with tracking on): without them the call can be
+/// captured into a CUDA graph; with them, outside a capture only (or use
+/// [`kl_div_raw`], or a TRAM step, whose mask is described by address).
 #[allow(clippy::too_many_arguments)]
 pub fn kl_div<T: Element>(
     backend: &CudaBackend,

@@ -127,6 +127,8 @@ pub fn add_noise_to<T: Element>(
 }
 
 /// out = e + z (no allocation, no sync). Lengths must match; σ < 0 is an error.
+/// The views' addresses are taken through cudarc at this call (events with
+/// tracking on): to capture it into a CUDA graph, use [`add_noise_to`].
 pub fn add_noise<T: Element + DeviceRepr>(
     backend: &CudaBackend,
     input: &CudaView<'_, T>,
