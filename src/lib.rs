@@ -311,6 +311,8 @@
 //! [`Tram::set_step_count`] sets an arbitrary count quickly (see
 //! [`StepCounter::at`] for its bits).
 
+#![deny(missing_docs)]
+
 pub mod config;
 pub mod cpu;
 pub mod cuda;

@@ -81,15 +81,27 @@ const GRAD_BLOCK: usize = 8192;
 
 /// A row-major matrix of logits: `rows` rows of `vocab` values, `row_stride` apart.
 #[derive(Clone, Copy, Debug)]
+///
+/// The fields are public for convenience; every entry point checks them again
+/// as [`Logits::new`] does.
 pub struct Logits<'a, T> {
+    /// The elements; row `r` is `data[r * row_stride..r * row_stride + vocab]`.
     pub data: &'a [T],
+    /// Number of rows (0 is allowed).
     pub rows: usize,
+    /// Logits per row (the vocabulary); > 0.
     pub vocab: usize,
+    /// Elements from the start of one row to the next; ≥ `vocab`. Elements
+    /// between `vocab` and the stride are never read.
     pub row_stride: usize,
 }
 
 impl<'a, T: Element> Logits<'a, T> {
     /// Checks vocab > 0, stride ≥ vocab and that `data` holds every row.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) when one of
+    /// those fails (including a size that overflows `usize`).
     pub fn new(data: &'a [T], rows: usize, vocab: usize, row_stride: usize) -> Result<Self> {
         let l = Self {
             data,
@@ -102,6 +114,9 @@ impl<'a, T: Element> Logits<'a, T> {
     }
 
     /// Rows stored back to back (stride = vocab).
+    ///
+    /// # Errors
+    /// As [`Logits::new`].
     pub fn dense(data: &'a [T], rows: usize, vocab: usize) -> Result<Self> {
         Self::new(data, rows, vocab, vocab)
     }

@@ -7,9 +7,11 @@
 //! multiply-add; the CUDA kernel (`kernels/optimizer.cu`) performs the very same
 //! f64 operations with explicitly rounded intrinsics, so both backends store
 //! identical bits for finite values. NaN inputs (θ, g, m or v) give NaN in the
-//! same elements on both, but a NaN result is NaN on both, but a GPU writes the canonical NaN where the CPU keeps an input's payload (tests/nan_inputs.rs); a
-//! TRAM step skips the update of an iteration with a non-finite gradient. Results are rounded once to the f32 state / master, and the
-//! working copy is rounded from that f32 value.
+//! same elements on both, but a GPU writes the canonical NaN where the CPU
+//! keeps an input's payload (`tests/nan_inputs.rs`); a TRAM step skips the
+//! update of an iteration with a non-finite gradient. Results are rounded once
+//! to the f32 state / master, and the working copy is rounded from that f32
+//! value.
 //!
 //! Error bound against torch's algorithm evaluated in exact (f64) arithmetic on
 //! the same inputs: every f32 output of one step is within 2⁻²⁴ relative
@@ -42,21 +44,33 @@ const CHUNK: usize = 1 << 15;
 pub enum Weights<'a, P> {
     /// θ is read from `backup` (the copy taken before the perturbation) and
     /// the updated θ written to `param` (which holds the perturbed θ).
-    Restore { backup: &'a [P], param: &'a mut [P] },
+    Restore {
+        /// θ as it was before the perturbation; read.
+        backup: &'a [P],
+        /// The perturbed θ; overwritten with the updated θ.
+        param: &'a mut [P],
+    },
     /// f32 master weights are both the backup and the updated weights; the
     /// working copy `param` receives the updated master rounded to `P`.
     Master {
+        /// The f32 master weights; read and updated in place.
         master: &'a mut [f32],
+        /// The working copy (e.g. bf16); overwritten with the updated master,
+        /// rounded to nearest even.
         param: &'a mut [P],
     },
     /// θ is read from `param` and the updated θ written there: no restore (a
     /// step without perturbation, or after an out-of-place one).
-    InPlace { param: &'a mut [P] },
+    InPlace {
+        /// θ; read and updated in place.
+        param: &'a mut [P],
+    },
 }
 
 /// One tensor of the update: weights, gradient, optimizer state.
 #[derive(Debug)]
 pub struct UpdateTensor<'a, P, G> {
+    /// Where θ comes from and where the result goes.
     pub weights: Weights<'a, P>,
     /// `None`: no gradient this step (torch's `p.grad is None`): θ is restored
     /// and neither θ nor the state is updated.
@@ -285,10 +299,12 @@ impl FusedOptimizer {
         Ok(())
     }
 
+    /// The base optimizer and its hyperparameters.
     pub fn config(&self) -> &BaseOptimizer {
         &self.opt
     }
 
+    /// The learning rate of the next step.
     pub fn lr(&self) -> f32 {
         self.lr
     }

@@ -25,15 +25,20 @@ const THREADS: u32 = BLOCK_THREADS;
 /// (written) and of θ (read).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RawEmaTensor {
+    /// Device address of θ̄ (f32 or the parameter type; see [`EmaGroup::from_raw`]).
     pub target: u64,
+    /// Device address of θ.
     pub theta: u64,
+    /// Elements of both.
     pub len: u64,
 }
 
 /// One tensor over cudarc views.
 #[derive(Debug)]
 pub struct DeviceEmaTensor<'a, T, P> {
+    /// θ̄, read and written.
     pub target: CudaViewMut<'a, T>,
+    /// θ, read; as long as `target`.
     pub theta: CudaView<'a, P>,
 }
 

@@ -43,6 +43,7 @@ use crate::error::{ensure, Result};
 /// How the norm is taken.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct NormOptions {
+    /// Which norm ([`Geometry`]); the perturbation that follows must use the same.
     pub geometry: Geometry,
     /// s in g' = s·g: 1/loss-scale under AMP, else 1. Finite and > 0.
     pub inv_scale: f32,

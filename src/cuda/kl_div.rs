@@ -395,12 +395,15 @@ impl<'a, T> DeviceLogits<'a, T> {
         })
     }
 
+    /// Number of rows.
     pub fn rows(&self) -> usize {
         self.rows
     }
+    /// Logits per row.
     pub fn vocab(&self) -> usize {
         self.vocab
     }
+    /// Elements from one row's start to the next (≥ vocab).
     pub fn row_stride(&self) -> usize {
         self.row_stride
     }
@@ -441,9 +444,13 @@ pub struct KlGrads<'a, 'b, T> {
 pub struct RawLogits {
     /// Device address of element (0, 0).
     pub ptr: u64,
+    /// Number of rows (0 is allowed).
     pub rows: usize,
+    /// Logits per row; > 0.
     pub vocab: usize,
+    /// Elements from one row's start to the next; ≥ `vocab`.
     pub row_stride: usize,
+    /// The element type (f32, f16 or bf16); both matrices of a call share it.
     pub dtype: DType,
 }
 
@@ -454,6 +461,7 @@ pub struct RawGrads {
     pub model: (u64, usize),
     /// dL/d(target logits), when wanted.
     pub target: Option<(u64, usize)>,
+    /// Host factor (the upstream gradient of the reduced value).
     pub upstream: f32,
     /// Device address of an f32 factor, or `None`.
     pub upstream_device: Option<u64>,

@@ -61,12 +61,17 @@ pub struct RawUpdateTensor {
 pub enum DeviceWeights<'a, P> {
     /// θ from `backup`, the result into `param`.
     Restore {
+        /// θ as it was before the perturbation; read.
         backup: CudaView<'a, P>,
+        /// The perturbed θ; overwritten with the updated θ.
         param: CudaViewMut<'a, P>,
     },
     /// θ from the f32 `master` (updated in place); `param` gets the rounded copy.
     Master {
+        /// The f32 master weights; read and updated in place.
         master: CudaViewMut<'a, f32>,
+        /// The working copy; overwritten with the updated master, rounded to
+        /// nearest even.
         param: CudaViewMut<'a, P>,
     },
 }
@@ -74,10 +79,17 @@ pub enum DeviceWeights<'a, P> {
 /// One tensor of the update over cudarc views (see `cpu::optimizer::UpdateTensor`).
 #[derive(Debug)]
 pub struct DeviceUpdateTensor<'a, P, G> {
+    /// Where θ comes from and where the result goes.
     pub weights: DeviceWeights<'a, P>,
+    /// The gradient (the parameter type or f32); `None`: no gradient this
+    /// step, θ is restored and neither θ nor the state is updated.
     pub grad: Option<CudaView<'a, G>>,
+    /// AdamW's first moment or SGD's momentum buffer, f32; `None` only when
+    /// the optimizer keeps none (SGD without momentum).
     pub m: Option<CudaViewMut<'a, f32>>,
+    /// AdamW's second moment, f32; `None` for SGD.
     pub v: Option<CudaViewMut<'a, f32>>,
+    /// Whether weight decay applies to this tensor.
     pub weight_decay: bool,
 }
 
@@ -582,6 +594,7 @@ impl FusedOptimizer {
         })
     }
 
+    /// The base optimizer and its hyperparameters.
     pub fn config(&self) -> &BaseOptimizer {
         &self.opt
     }

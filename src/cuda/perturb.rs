@@ -86,10 +86,13 @@ impl PerturbMode {
 /// of the norm it follows.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PerturbOptions {
+    /// The direction and norm; the same as the norm's [`NormOptions`](super::grad_norm::NormOptions).
     pub geometry: Geometry,
+    /// ρ, fixed or δ·d (d read from device memory at the launch).
     pub radius: Radius,
     /// s in g' = s·g (1/loss-scale under AMP, else 1). Finite and > 0.
     pub inv_scale: f32,
+    /// Where θ + ε goes; the group must have the buffers the mode needs.
     pub mode: PerturbMode,
 }
 

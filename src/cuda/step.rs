@@ -161,6 +161,7 @@ pub struct StepState {
     pub skip: u32,
     /// 1: θ comes from the backup.
     pub restore: u32,
+    /// Padding to the kernel's 32-byte layout; zero.
     pub _pad: [u32; 3],
 }
 
