@@ -6,12 +6,12 @@ use half::{bf16, f16};
 /// A runtime tag for an element type, as the kernels see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
-    /// IEEE binary32, 4 bytes ([`f32`]).
+    /// IEEE binary32, 4 bytes (`f32`).
     F32,
-    /// IEEE binary16, 2 bytes ([`f16`]): 11 significand bits, largest finite
+    /// IEEE binary16, 2 bytes ([`f16`](struct@f16)): 11 significand bits, largest finite
     /// value 65,504.
     F16,
-    /// bfloat16, 2 bytes ([`bf16`]): f32's exponent range with 8 significand
+    /// bfloat16, 2 bytes ([`bf16`](struct@bf16)): f32's exponent range with 8 significand
     /// bits (the top half of an f32).
     BF16,
 }

@@ -178,9 +178,12 @@ pub struct KlGrad {
 /// The KL divergence between `target` (P) and `model` (Q) logits.
 /// See the module docs for the formulation, edge cases and error bound.
 ///
-/// `mask`: one byte per row, nonzero = the row counts. Errors (`InvalidArgument`):
-/// invalid logits, different rows or vocab (strides may differ), a mask of the
-/// wrong length, a temperature that is not finite and > 0.
+/// `mask`: one byte per row, nonzero = the row counts.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument): invalid logits (see [`Logits::new`]), different rows or vocab
+/// (strides may differ), a mask of the wrong length, a temperature that is not
+/// finite and > 0.
 pub fn kl_div<T: Element>(
     target: &Logits<T>,
     model: &Logits<T>,
@@ -199,6 +202,9 @@ pub fn kl_div<T: Element>(
 /// `MeanRows` weighs 1/unmasked, `MeanElements` 1/(unmasked·vocab). Masked rows,
 /// and every row when all are masked, get exact zeros; unmasked rows whose KL is
 /// not finite get NaN. `upstream` is used as given (a NaN upstream gives NaN).
+///
+/// # Errors
+/// As [`kl_div`].
 pub fn kl_div_grad<T: Element>(
     target: &Logits<T>,
     model: &Logits<T>,

@@ -268,6 +268,9 @@ pub struct FusedOptimizer {
 impl FusedOptimizer {
     /// Validates `opt` and `lr`; the step count starts at 0, the inverse
     /// loss scale at 1.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) from [`BaseOptimizer::validate`] or for a negative or non-finite lr.
     pub fn new(opt: BaseOptimizer, lr: f32) -> Result<Self> {
         opt.validate()?;
         validate_lr(lr)?;
@@ -285,6 +288,9 @@ impl FusedOptimizer {
     }
 
     /// Sets s from the next step on; finite and > 0.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) otherwise, nothing changed.
     pub fn set_inv_scale(&mut self, inv_scale: f32) -> Result<()> {
         crate::config::validate_inv_scale(inv_scale)?;
         self.inv_scale = inv_scale;
@@ -293,6 +299,9 @@ impl FusedOptimizer {
 
     /// Sets the step count and β powers as saved by [`FusedOptimizer::counter`]
     /// (a bit-identical resume).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for β powers outside [0, 1], nothing changed.
     pub fn set_counter(&mut self, counter: StepCounter) -> Result<()> {
         counter.validate()?;
         self.counter = counter;
@@ -310,6 +319,9 @@ impl FusedOptimizer {
     }
 
     /// Changes the learning rate from the next step on.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a negative or non-finite lr, nothing changed.
     pub fn set_lr(&mut self, lr: f32) -> Result<()> {
         validate_lr(lr)?;
         self.lr = lr;
@@ -334,7 +346,13 @@ impl FusedOptimizer {
 
     /// Advances the step count and, for every tensor, restores θ from its
     /// backup (or master) and applies the update. Validates every tensor
-    /// before touching any.
+    /// before touching any. Moves 28 bytes per f32 parameter with AdamW
+    /// (backup, g, m and v read; θ, m and v written).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument), nothing written: an empty group, or a tensor whose backup,
+    /// master, gradient, m or v length differs from its parameter's (m and v
+    /// are checked only where the optimizer keeps them).
     pub fn step<P: Element, G: Element>(
         &mut self,
         tensors: &mut [UpdateTensor<'_, P, G>],
@@ -357,6 +375,11 @@ impl FusedOptimizer {
     /// [`ema_update`](crate::cpu::ema::ema_update) over (θ̄, the parameters or
     /// the masters), as `cuda::optimizer::FusedOptimizer::step_with_target`.
     /// λ = 1 leaves θ̄ untouched. Validates everything before writing.
+    ///
+    /// # Errors
+    /// As [`FusedOptimizer::step`], and λ outside [0, 1], a target count
+    /// other than the tensor count, or a target whose length differs from its
+    /// tensor's.
     pub fn step_with_target<P: Element, G: Element, T: Element>(
         &mut self,
         tensors: &mut [UpdateTensor<'_, P, G>],

@@ -234,7 +234,8 @@ pub const DTYPE_COMBOS: [(DType, DType); 4] = [
 
 /// Validates a group's tensors and builds its device table, on the host.
 ///
-/// Errors: no tensors; an unsupported dtype pair; lengths of a tensor's
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument): no tensors; an unsupported dtype pair; lengths of a tensor's
 /// buffers that differ; a null or misaligned (not a multiple of the element
 /// size) address of a non-empty buffer; an optional slot filled for some
 /// tensors and not others; buffers that overlap; a tensor too long for the
@@ -339,6 +340,10 @@ pub struct ChunkMap {
 }
 
 /// Builds the [`ChunkMap`] of tensors of lengths `lens`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument): a flag count other than the tensor count, or more chunks in all
+/// than one launch can index (2³² − 1), sizes checked without overflow.
 pub fn chunk_map(lens: &[u64], active: &[bool]) -> Result<ChunkMap> {
     ensure!(
         lens.len() == active.len(),
@@ -433,9 +438,10 @@ impl<'a> ParamGroup<'a> {
     /// (and, optionally, backups, f32 master weights, outputs), all with the
     /// backend's context. Every tensor starts with a gradient.
     ///
-    /// Errors as [`describe`]: lengths that differ, no tensors, an
-    /// unsupported `(P, G)` pair, overlapping views; and a view of another
-    /// context than the backend's.
+    /// # Errors
+    /// As [`describe`]: lengths that differ, no tensors, an unsupported
+    /// `(P, G)` pair, overlapping views; and a view of another context than
+    /// the backend's. [`Error::Driver`](crate::Error::Driver) when an upload or allocation fails.
     pub fn new<P: Element, G: Element>(
         backend: &CudaBackend,
         tensors: &[TensorViews<'a, P, G>],
@@ -489,6 +495,9 @@ impl ParamGroup<'static> {
     /// ones a launch writes) while a launch on the group's stream is pending,
     /// unless ordered with that stream. The checks of [`describe`] (lengths,
     /// alignment, null, overlap) still apply and return `Err`.
+    ///
+    /// # Errors
+    /// As [`describe`]; [`Error::Driver`](crate::Error::Driver) when an upload or allocation fails.
     pub unsafe fn from_raw(
         backend: &CudaBackend,
         param_dtype: DType,
@@ -610,6 +619,10 @@ impl<'a> ParamGroup<'a> {
     /// with an asynchronous copy on the group's stream: call it between steps
     /// (a copy from pageable memory may wait for the stream), never between a
     /// perturbation and its restore.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a flag count other than the tensor count; [`Error::Driver`](crate::Error::Driver) when the
+    /// copy fails.
     pub fn set_has_grad(&mut self, has_grad: &[bool]) -> Result<()> {
         let chunks = chunk_map(&self.lens, has_grad)?;
         if !chunks.chunks.is_empty() {
@@ -710,6 +723,9 @@ impl<'a> ParamGroup<'a> {
 
     /// Copies the [`NormState`] to the host. This waits for the stream: call
     /// it outside the step (e.g. to log the status of the previous one).
+    ///
+    /// # Errors
+    /// [`Error::Driver`](crate::Error::Driver) when the copy fails.
     pub fn read_state(&self) -> Result<NormState> {
         let v = self.stream.clone_dtoh(&self.state)?;
         Ok(v[0])

@@ -75,9 +75,12 @@ impl std::fmt::Debug for CudaBackend {
 impl CudaBackend {
     /// A backend on device `ordinal`'s primary context and a new stream.
     ///
-    /// Fails with [`Error::CudaUnavailable`] when no PTX was embedded (nvcc
-    /// missing at build time), when the driver library cannot be loaded, or
-    /// when the device does not exist.
+    /// # Errors
+    /// [`Error::CudaUnavailable`] when no kernels were embedded (nvcc missing
+    /// at build time), when the driver library cannot be loaded or lacks a
+    /// function, when the device does not exist, or when the driver rejects
+    /// the kernels (a driver older than the nvcc that built them);
+    /// [`Error::Driver`] when creating the stream fails.
     pub fn new(ordinal: usize) -> Result<Self> {
         check_ptx_built()?;
         let ctx = context(ordinal)?;
@@ -87,6 +90,9 @@ impl CudaBackend {
 
     /// A backend that launches on `stream`, which a framework already owns.
     /// Work is ordered with the framework's by that stream alone.
+    ///
+    /// # Errors
+    /// As [`CudaBackend::new`], except that the context already exists.
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
         check_ptx_built()?;
         let ctx = stream.context().clone();
@@ -138,6 +144,10 @@ impl CudaBackend {
     }
 
     /// Waits for all work on the stream.
+    ///
+    /// # Errors
+    /// [`Error::Driver`] when the stream reports a failure (of this or an
+    /// earlier asynchronous operation).
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
     }
@@ -147,6 +157,9 @@ impl CudaBackend {
     /// wait). Call it after writing a buffer on `other` (a gradient from
     /// another stream) and before a launch that reads it. Not while the
     /// backend's stream is being captured unless `other` captures too.
+    ///
+    /// # Errors
+    /// [`Error::Driver`] when recording or waiting on the event fails.
     pub fn wait_for_stream(&self, other: &CudaStream) -> Result<()> {
         if *other != *self.stream {
             self.stream.join(other)?;
@@ -158,6 +171,9 @@ impl CudaBackend {
     /// far. Call it before `other` reuses or frees a buffer that launches on
     /// the backend's stream read or wrote: dropping a `CudaSlice` allocated
     /// on `other` frees it on `other`, which does not wait for this stream.
+    ///
+    /// # Errors
+    /// [`Error::Driver`] when recording or waiting on the event fails.
     pub fn make_stream_wait(&self, other: &CudaStream) -> Result<()> {
         if *other != *self.stream {
             other.join(&self.stream)?;
@@ -195,6 +211,9 @@ impl CudaBackend {
 /// can be loaded, this returns [`Error::CudaUnavailable`] when there is no
 /// driver library, the driver lacks a function it needs, or the device does
 /// not exist.
+///
+/// # Errors
+/// [`Error::CudaUnavailable`] in those three cases.
 ///
 /// ```no_run
 /// # fn main() -> tram_kernels::Result<()> {
