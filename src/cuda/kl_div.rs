@@ -10,7 +10,7 @@
 //! stream, with no allocation and no host sync (the [`KlWorkspace`] is
 //! allocated once):
 //! 1. `kl_div_partials_*`: one block per (row, chunk). Each thread keeps the
-//!    mergeable centred partials of `shared/notes/kl-numerics.md` in f32 (the
+//!    mergeable centred partials of [`crate::cpu::kl_div`]'s numerics in f32 (the
 //!    logit difference formed exactly: in f64 for f32 inputs); warp, block and
 //!    multi-block merges run in f64. Long rows are split over several blocks
 //!    so that few rows still fill the GPU ([`kl_geometry`]).

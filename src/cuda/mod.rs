@@ -1,6 +1,48 @@
 //! The CUDA backend: the embedded kernels loaded once into a context, launches on the
 //! caller's stream. Each operation has a launcher here beside its kernel file
 //! in `kernels/` and its CPU reference in `src/cpu/` (same file stem).
+//!
+//! # What a user of cudarc 0.19 needs to know
+//!
+//! The crate speaks cudarc 0.19: streams are `Arc<CudaStream>`, buffers
+//! `CudaSlice`s and their views. A few of cudarc's behaviours decide how to
+//! set things up:
+//!
+//! - **A missing driver panics in cudarc.** `CudaContext::new` panics (it
+//!   does not return an error) where the driver library cannot be loaded,
+//!   and so does a call into a driver that lacks the function. Build
+//!   contexts with [`context`] and backends with [`CudaBackend::new`]: both
+//!   check for the library first and turn such panics into
+//!   [`Error::CudaUnavailable`].
+//! - **Streams.** [`CudaBackend::from_stream`] takes a framework's
+//!   `Arc<CudaStream>`; for a raw `CUstream` from elsewhere, wrap it with
+//!   `ctx.wrap_borrowed_stream(raw)` (`unsafe`: the stream must be live and
+//!   belong to that context) on the device's [`context`]; a borrowed stream
+//!   is not destroyed on drop. The legacy default stream cannot be
+//!   captured into a CUDA graph: capture on a stream made by `new_stream()`.
+//! - **Raw pointers.** A framework's buffers are passed by address
+//!   ([`buffer::DevRef::from_raw`], [`group::ParamGroup::from_raw`],
+//!   [`kl_div::kl_div_raw`]), never through cudarc's `upgrade_device_ptr`,
+//!   which takes ownership and frees the memory on drop. Nothing then tracks
+//!   those buffers' synchronisation: the stream order is the contract (below).
+//! - **Events.** cudarc records an event on a slice's stream each time its
+//!   address is handed out, with event tracking on (the default). The crate
+//!   takes addresses once, when a buffer is described, so launches record
+//!   nothing and can be captured; build descriptions before a capture begins.
+//!   To time kernels, create events with timing enabled:
+//!   `ctx.new_event(None)` gives one with timing *disabled*; pass
+//!   `Some(CUevent_flags::CU_EVENT_DEFAULT)`.
+//! - **Copies are asynchronous** on their stream (`clone_htod`, `memcpy_htod`,
+//!   `memcpy_dtoh`, `alloc_zeros`...); results read back with `clone_dtoh`
+//!   wait for the stream. The crate's own read-backs
+//!   ([`group::ParamGroup::read_state`], [`crate::Tram::report`]) say so.
+//! - **One cudarc per build.** Sharing a process with candle or burn means
+//!   sharing their cudarc: the crate selects no CUDA version feature and
+//!   loads the driver with cudarc's `fallback-dynamic-loading`, which
+//!   coexists with candle's `dynamic-linking` (cudarc's build script rejects
+//!   `dynamic-loading` and `dynamic-linking` together, and two `cuda-XXXXX`
+//!   features clash). Set `CUDARC_CUDA_VERSION` to the driver's CUDA version
+//!   when the bindings would otherwise be newer than the driver.
 
 pub mod buffer;
 pub mod ema;
