@@ -217,7 +217,8 @@ struct Alloc {
     bool lazy = false;  // mmap'd, read as zero until written
 };
 
-// All metadata under one lock; the work itself (kernels, copies) runs outside it.
+// All metadata under one lock; the work itself (kernels, copies) runs outside
+// it, except deferred work and graph replays. Lock order: g_mu, then a stream.
 std::recursive_mutex g_mu;
 bool g_init = false;
 Ctx* g_primary = nullptr;
@@ -529,7 +530,13 @@ void run_op(Stream* s, Op& op) {
 }
 
 // Deferred mode: runs s's queued work up to op number `upto` on this thread.
+// Locks g_mu before the stream, as every API call that submits does, so that
+// two host threads (one synchronizing, one enqueuing) cannot each hold the
+// lock the other waits for; deferred work therefore runs under g_mu, which
+// the kernel runtime never takes.
 void flush(Stream* s, uint64_t upto) {
+    std::unique_lock<std::recursive_mutex> meta(g_mu, std::defer_lock);
+    if (settings().deferred) meta.lock();
     std::lock_guard<std::recursive_mutex> g(s->m);
     if (s->being_flushed) return;  // a wait chain came back here: already ordered
     s->being_flushed = true;
@@ -574,6 +581,11 @@ CUresult submit(Stream* s, Op op) {
         return CUDA_SUCCESS;
     }
     if (!settings().deferred) {
+        // Records, waits and graphs take g_mu in run_op: take it first, in the
+        // order every other path uses (g_mu, then a stream). Kernels and copies
+        // run outside it.
+        std::unique_lock<std::recursive_mutex> meta(g_mu, std::defer_lock);
+        if (op.kind == Op::Record || op.kind == Op::Wait || op.kind == Op::Graph) meta.lock();
         std::lock_guard<std::recursive_mutex> g(s->m);
         legacy_order(s);
         s->enqueued++;
@@ -581,6 +593,7 @@ CUresult submit(Stream* s, Op op) {
         s->done++;
         return CUDA_SUCCESS;
     }
+    std::lock_guard<std::recursive_mutex> meta(g_mu);  // before the stream: see flush()
     std::lock_guard<std::recursive_mutex> g(s->m);
     legacy_order(s);
     s->queue.push_back(std::move(op));
