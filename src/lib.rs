@@ -7,6 +7,8 @@
 //! Each operation has three files with one stem: the kernel in `kernels/<op>.cu`,
 //! its launcher in `src/cuda/<op>.rs`, and its reference in `src/cpu/<op>.rs`.
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
