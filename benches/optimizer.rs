@@ -5,6 +5,12 @@
 //! counts per /work/shared/notes/byte-budgets.md; the throughput criterion
 //! reports is those bytes over the measured time.
 //!
+//! AMP's found-inf check that a TRAM step runs before its update reads every
+//! gradient once more (+4 B/param for f32 gradients): timed alone
+//! (`amp_check`) and with the fused update (`checked_restore_adamw`, 32 B) on
+//! the CPU, and on CUDA as a step without perturbation (`tram_base_step`:
+//! check, gate and fused update, 32 B/param, against `fused_restore_adamw`).
+//!
 //! CPU always (rayon reference); CUDA when a device is present (skipped with a
 //! message otherwise), timed with CUDA events around `iters` launches through
 //! `iter_custom`, with a working set well above L2.
@@ -20,7 +26,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use tram_kernels::cpu::ema::{ema_update, EmaTensor};
-use tram_kernels::cpu::optimizer::{EmaSource, FusedOptimizer, UpdateTensor, Weights};
+use tram_kernels::cpu::optimizer::{
+    grads_overflow, EmaSource, FusedOptimizer, UpdateTensor, Weights,
+};
 use tram_kernels::BaseOptimizer;
 
 /// Small enough that the moments stay tame over many repeats.
@@ -71,6 +79,27 @@ fn cpu(c: &mut Criterion) {
     g.throughput(bytes(28));
     g.bench_function("fused_restore_adamw", |b| {
         b.iter(|| {
+            let t = UpdateTensor {
+                weights: Weights::Restore {
+                    backup: &h.backup,
+                    param: &mut h.param,
+                },
+                grad: Some(&h.grad[..]),
+                m: &mut h.m,
+                v: &mut h.v,
+                weight_decay: true,
+            };
+            opt.step(&mut [t]).unwrap();
+        })
+    });
+    g.throughput(bytes(4));
+    g.bench_function("amp_check", |b| {
+        b.iter(|| assert!(!grads_overflow(&[Some(&h.grad[..])], 1.0)))
+    });
+    g.throughput(bytes(4 + 28));
+    g.bench_function("checked_restore_adamw", |b| {
+        b.iter(|| {
+            assert!(!grads_overflow(&[Some(&h.grad[..])], 1.0));
             let t = UpdateTensor {
                 weights: Weights::Restore {
                     backup: &h.backup,
@@ -151,13 +180,16 @@ fn cpu(c: &mut Criterion) {
 mod gpu {
     use super::*;
     use cudarc::driver::{CudaSlice, DevicePtr};
+    use tram_kernels::cuda::buffer::{DevMut, DevRef};
     use tram_kernels::cuda::ema::{ema_update, EmaGroup, RawEmaTensor};
     use tram_kernels::cuda::group::{DeviceBuf, ParamGroup, RawTensor};
     use tram_kernels::cuda::optimizer::{
         FusedOptimizer as GpuOptimizer, FusedTarget, RawUpdateTensor, UpdateGroup,
     };
     use tram_kernels::cuda::restore::restore;
-    use tram_kernels::DType;
+    use tram_kernels::cuda::step::{Perturbation, Tensor, TramStep};
+    use tram_kernels::{DType, Geometry, KlOptions, NoiseConfig, NoiseDistribution, Tram};
+    use tram_kernels::{TramConfig, TramVariant};
 
     /// 4 tensors of 16M f32 parameters: 256 MB per buffer, far above L2.
     const TENSORS: usize = 4;
@@ -261,6 +293,47 @@ mod gpu {
         };
         let target = FusedTarget::new(&gpu, &fused, &ema).unwrap();
         let mut opt = GpuOptimizer::new(&gpu, BaseOptimizer::adamw(0.01), LR).unwrap();
+        // A TRAM-x step over the same buffers (no target): its base step is
+        // the check, the gate and the fused update.
+        let describe = || -> Vec<Tensor<'static, f32>> {
+            (0..TENSORS)
+                .map(|k| {
+                    let n = PER_TENSOR;
+                    // SAFETY: as the groups above: live allocations of `d`
+                    // with `len` f32 each, distinct, on the one stream.
+                    unsafe {
+                        Tensor {
+                            param: DevMut::from_raw(p(&d.param[k]), n),
+                            grad: Some(DevRef::from_raw(p(&d.grad[k]), n)),
+                            perturbation: Perturbation::Backup(DevMut::from_raw(
+                                p(&d.backup[k]),
+                                n,
+                            )),
+                            m: Some(DevMut::from_raw(p(&d.m[k]), n)),
+                            v: Some(DevMut::from_raw(p(&d.v[k]), n)),
+                            target: None,
+                            weight_decay: true,
+                        }
+                    }
+                })
+                .collect()
+        };
+        let cfg = TramConfig {
+            delta: 0.5,
+            geometry: Geometry::Sam,
+            kl: KlOptions::default(),
+            variant: TramVariant::X {
+                noise: NoiseConfig {
+                    distribution: NoiseDistribution::Uniform,
+                    sigma: 0.01,
+                    seed: 1,
+                },
+            },
+            optimizer: BaseOptimizer::adamw(0.01),
+            lr: LR,
+        };
+        let mut tensors = describe();
+        let mut step = TramStep::<f32>::new(&gpu, cfg, &tensors, 1).unwrap();
 
         let n = (TENSORS * PER_TENSOR) as u64;
         let mut g = c.benchmark_group("optimizer_cuda_f32_64M");
@@ -270,6 +343,12 @@ mod gpu {
         g.throughput(Throughput::Bytes(28 * n));
         g.bench_function("fused_restore_adamw", |b| {
             b.iter_custom(|iters| common::gpu_time(&gpu, iters, || opt.step(&gpu, &fused).unwrap()))
+        });
+        g.throughput(Throughput::Bytes((4 + 28) * n));
+        g.bench_function("tram_base_step", |b| {
+            b.iter_custom(|iters| {
+                common::gpu_time(&gpu, iters, || step.base_step(&mut tensors).unwrap())
+            })
         });
         g.throughput(Throughput::Bytes((8 + 28) * n));
         g.bench_function("restore_then_adamw", |b| {

@@ -30,6 +30,10 @@
 //! GPU (or with TRAM_BENCH=cpu) it prints why and exits 0; with
 //! TRAM_REQUIRE_GPU=1 a missing GPU is a panic.
 //!
+//! First, the host cost of describing the model's 292 tensors to a step at
+//! every call (`stepfig-info describe`; `TRAM_BENCH_STEP=describe` stops
+//! there, small enough for the emulated device).
+//!
 //! A plain program, not criterion: it ignores the arguments `cargo bench`
 //! passes (a filter too) and always measures everything above.
 //!
@@ -40,17 +44,16 @@ mod common;
 use cudarc::driver::DevicePtr;
 use tram_kernels::cpu::grad_norm::grad_norm as cpu_grad_norm;
 use tram_kernels::cpu::kl_div::{kl_div as cpu_kl_div, Logits};
-use tram_kernels::cuda::ema::{EmaGroup, RawEmaTensor};
+use tram_kernels::cuda::buffer::{DevMut, DevRef};
 use tram_kernels::cuda::grad_norm::{grad_norm, NormOptions};
-use tram_kernels::cuda::group::ParamGroup;
 use tram_kernels::cuda::kl_div::{kl_div, DeviceLogits, KlWorkspace};
 use tram_kernels::cuda::noise::NoiseStep;
 use tram_kernels::cuda::optimizer::{FusedOptimizer, RawUpdateTensor, UpdateGroup};
 use tram_kernels::cuda::perturb::{perturb_device, DeviceRadius, PerturbMode, PerturbOptions};
-use tram_kernels::cuda::step::TramStep;
+use tram_kernels::cuda::step::{Perturbation, Tensor, TramStep};
 use tram_kernels::cuda::CudaBackend;
 use tram_kernels::{
-    bf16, BaseOptimizer, DType, Geometry, KlOptions, NoiseConfig, NoiseDistribution, Radius,
+    bf16, BaseOptimizer, DType, Geometry, KlOptions, NoiseConfig, NoiseDistribution, Radius, Tram,
     TramConfig, TramVariant,
 };
 
@@ -105,11 +108,118 @@ fn report(key: &str, ms: f64, bytes: Option<usize>, what: &str) {
     println!("stepfig {key} ms={ms:.4}{gbps} # {what}");
 }
 
+/// Host microseconds per call of `f`: the median of 9 repeats of 20 calls.
+fn host_us(mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..9)
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            for _ in 0..20 {
+                f();
+            }
+            t0.elapsed().as_secs_f64() * 1e6 / 20.0
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[4]
+}
+
+/// The host cost of describing GPT-2 medium's 292 tensors to a step every
+/// call, as a framework that allocates new gradients every backward does:
+/// building the description (from raw addresses: no driver call; from cudarc
+/// slices: one event recorded per buffer, and a wait when it was written),
+/// and the step's check of it, unchanged and with every gradient moved (a
+/// table upload). Small tensors: the cost depends on their count alone.
+fn describe_cost(gpu: &CudaBackend) {
+    let sizes = common::gpt2_medium();
+    let stream = gpu.stream();
+    let alloc = |v: f32| -> Vec<cudarc::driver::CudaSlice<f32>> {
+        sizes
+            .iter()
+            .map(|_| stream.clone_htod(&[v; 4]).expect("alloc"))
+            .collect()
+    };
+    let (mut p, mut b, mut m, mut v) = (alloc(0.5), alloc(0.0), alloc(0.0), alloc(0.0));
+    let grads = [alloc(0.1), alloc(0.2)];
+    let cfg = config(TramVariant::X {
+        noise: NoiseConfig {
+            distribution: NoiseDistribution::Uniform,
+            sigma: 0.01,
+            seed: 1,
+        },
+    });
+    // The addresses, taken once (what a framework holding raw pointers has).
+    let addrs = |x: &[cudarc::driver::CudaSlice<f32>]| -> Vec<u64> {
+        x.iter().map(|s| s.device_ptr(stream).0).collect()
+    };
+    let (pa, ba, ma, va) = (addrs(&p), addrs(&b), addrs(&m), addrs(&v));
+    let ga = [addrs(&grads[0]), addrs(&grads[1])];
+    let raw = |g: &[u64]| -> Vec<Tensor<'static, f32>> {
+        (0..sizes.len())
+            .map(|k| {
+                // SAFETY: live 4-element f32 allocations (only 4 of each are
+                // described), distinct, kept until the end of this function;
+                // one stream.
+                unsafe {
+                    Tensor {
+                        param: DevMut::from_raw(pa[k], 4),
+                        grad: Some(DevRef::from_raw(g[k], 4)),
+                        perturbation: Perturbation::Backup(DevMut::from_raw(ba[k], 4)),
+                        m: Some(DevMut::from_raw(ma[k], 4)),
+                        v: Some(DevMut::from_raw(va[k], 4)),
+                        target: None,
+                        weight_decay: true,
+                    }
+                }
+            })
+            .collect()
+    };
+    let mut step = TramStep::new(gpu, cfg, &raw(&ga[0]), 1).expect("step");
+    let build_raw = host_us(|| drop(std::hint::black_box(raw(&ga[0]))));
+    let build_slices = host_us(|| {
+        let t: Vec<Tensor<'_, f32>> = p
+            .iter_mut()
+            .zip(&grads[0])
+            .zip(b.iter_mut())
+            .zip(m.iter_mut().zip(v.iter_mut()))
+            .map(|(((p, g), b), (m, v))| Tensor {
+                param: DevMut::new(p),
+                grad: Some(DevRef::new(g)),
+                perturbation: Perturbation::Backup(DevMut::new(b)),
+                m: Some(DevMut::new(m)),
+                v: Some(DevMut::new(v)),
+                target: None,
+                weight_decay: true,
+            })
+            .collect();
+        drop(std::hint::black_box(t));
+    });
+    let mut same = raw(&ga[0]);
+    let unchanged = host_us(|| step.prepare(&mut same).expect("prepare"));
+    let mut flip = 0;
+    let moved = host_us(|| {
+        flip ^= 1;
+        let mut t = raw(&ga[flip]);
+        step.prepare(&mut t).expect("prepare");
+    });
+    gpu.synchronize().expect("synchronize");
+    println!(
+        "stepfig-info describe tensors={} host_us: build from raw addresses {build_raw:.1}, \
+         from cudarc slices {build_slices:.1}; prepare unchanged {unchanged:.1}, \
+         every gradient moved (build + validate + upload) {moved:.1}",
+        sizes.len()
+    );
+}
+
 fn main() {
     let Some(gpu) = common::gpu("step") else {
         return;
     };
     let gpu = &gpu;
+    describe_cost(gpu);
+    if std::env::var("TRAM_BENCH_STEP").is_ok_and(|v| v == "describe") {
+        return;
+    }
     let stream = gpu.stream();
     let sizes = common::gpt2_medium();
     let n: usize = sizes.iter().sum();
@@ -145,8 +255,8 @@ fn main() {
     let ta = DeviceLogits::dense(da.as_view(), ROWS, VOCAB).expect("logits");
     let tb = DeviceLogits::dense(db.as_view(), ROWS, VOCAB).expect("logits");
 
-    // The update and EMA tables over raw addresses: tensor k at element
-    // offset off[k] of each role's one allocation.
+    // The step's description over raw addresses: tensor k at element offset
+    // off[k] of each role's one allocation.
     let addr = |p: u64, elem: usize, off: usize| p + (off * elem) as u64;
     let (p_base, g_base, w_base) = (
         bufs.param.device_ptr(stream).0,
@@ -158,74 +268,84 @@ fn main() {
         v.device_ptr(stream).0,
         target.device_ptr(stream).0,
     );
-    let mut update_rows = Vec::with_capacity(sizes.len());
-    let mut ema_rows = Vec::with_capacity(sizes.len());
-    let mut off = 0;
-    for &len in &sizes {
-        update_rows.push(RawUpdateTensor {
-            param: addr(p_base, 2, off),
-            grad: addr(g_base, 4, off),
-            source: addr(w_base, 4, off),
-            m: addr(m_base, 4, off),
-            v: addr(v_base, 4, off),
-            len: len as u64,
-            weight_decay: true,
-        });
-        ema_rows.push(RawEmaTensor {
-            target: addr(t_base, 2, off),
-            theta: addr(w_base, 4, off),
-            len: len as u64,
-        });
-        off += len;
-    }
-    let update = || {
-        // SAFETY: every address lies inside an allocation of `bufs`, `m` or
-        // `v` (tensor k at its offset, `len` elements of the role's type:
-        // bf16 θ, f32 g, master, m, v), all of which outlive every step
-        // object and launch below (`main` synchronises before it returns);
-        // within a group no written buffer overlaps another; all work runs on
-        // the backend's one stream.
-        unsafe { UpdateGroup::from_raw(gpu, &update_rows, DType::BF16, DType::F32, true) }
-            .expect("update group")
+    let describe = |with_target: bool| -> Vec<Tensor<'static, bf16, f32, bf16>> {
+        let mut off = 0;
+        sizes
+            .iter()
+            .map(|&len| {
+                // SAFETY: every address lies inside an allocation of `bufs`,
+                // `m`, `v` or `target` (tensor k at its offset, `len`
+                // elements of the role's type: bf16 θ and θ̄, f32 g, master,
+                // m, v), all of which outlive every step object and launch
+                // below (`main` synchronises before it returns); no two
+                // roles or tensors share memory; all work runs on the
+                // backend's one stream.
+                let t = unsafe {
+                    Tensor {
+                        param: DevMut::from_raw(addr(p_base, 2, off), len),
+                        grad: Some(DevRef::from_raw(addr(g_base, 4, off), len)),
+                        perturbation: Perturbation::Master(DevMut::from_raw(
+                            addr(w_base, 4, off),
+                            len,
+                        )),
+                        m: Some(DevMut::from_raw(addr(m_base, 4, off), len)),
+                        v: Some(DevMut::from_raw(addr(v_base, 4, off), len)),
+                        target: with_target.then(|| DevMut::from_raw(addr(t_base, 2, off), len)),
+                        weight_decay: true,
+                    }
+                };
+                off += len;
+                t
+            })
+            .collect()
     };
-    // SAFETY: θ̄ (bf16, written) is `target`, θ the f32 masters of `bufs`,
-    // both alive for as long as `main` runs; θ̄ overlaps nothing else; one stream.
-    let ema =
-        unsafe { EmaGroup::from_raw(gpu, &ema_rows, DType::BF16, DType::F32) }.expect("ema group");
+    let update_rows: Vec<RawUpdateTensor> = {
+        let mut off = 0;
+        sizes
+            .iter()
+            .map(|&len| {
+                let r = RawUpdateTensor {
+                    param: addr(p_base, 2, off),
+                    grad: addr(g_base, 4, off),
+                    source: addr(w_base, 4, off),
+                    m: addr(m_base, 4, off),
+                    v: addr(v_base, 4, off),
+                    len: len as u64,
+                    weight_decay: true,
+                };
+                off += len;
+                r
+            })
+            .collect()
+    };
 
     let noise = NoiseConfig {
         distribution: NoiseDistribution::Gaussian,
         sigma: 0.01,
         seed: 17,
     };
-    let params = || ParamGroup::new(gpu, &bufs.views()).expect("param group");
-    let mut tram_x = TramStep::new(
-        gpu,
-        config(TramVariant::X { noise }),
-        params(),
-        update(),
-        None,
-        ROWS,
-    )
-    .expect("TRAM-x step");
+    let mut x_tensors = describe(false);
+    let mut theta_tensors = describe(true);
+    let mut tram_x = TramStep::new(gpu, config(TramVariant::X { noise }), &x_tensors, ROWS)
+        .expect("TRAM-x step");
     let mut tram_theta = TramStep::new(
         gpu,
         config(TramVariant::Theta { lambda: LAMBDA }),
-        params(),
-        update(),
-        Some(ema),
+        &theta_tensors,
         ROWS,
     )
     .expect("TRAM-θ step");
-    assert!(
-        tram_theta.target_fused(),
-        "the TRAM-θ target is not fused into the update"
-    );
-    let base_group = update();
+    // SAFETY: as `describe`'s addresses.
+    let base_group =
+        unsafe { UpdateGroup::from_raw(gpu, &update_rows, DType::BF16, DType::F32, true) }
+            .expect("update group");
     let mut base = FusedOptimizer::new(gpu, BaseOptimizer::adamw(0.01), LR).expect("optimizer");
 
     // One whole first step against the CPU reference.
-    tram_x.first_step(gpu, &ta, &tb, None).expect("first step");
+    tram_x
+        .first_step(&mut x_tensors, &ta, &tb, None)
+        .expect("first step");
+    tram_x.second_step(&mut x_tensors).expect("second step");
     let got_kl = tram_x.kl_workspace().read(gpu, ROWS).expect("read").value;
     let state = tram_x.param_group().read_state().expect("state");
     let grad = stream.clone_dtoh(&bufs.grad).expect("download");
@@ -288,22 +408,31 @@ fn main() {
     let mut counter = NoiseStep::new(gpu, 0).expect("noise step");
     let restore_ms = time_ms(gpu, || counter.advance(gpu).expect("advance"));
 
-    // Whole calls, the base step, TRAM-x's noise.
-    let first_ms = time_ms(gpu, || {
-        tram_x.first_step(gpu, &ta, &tb, None).expect("first step")
+    // Whole calls, the base step, TRAM-x's noise. A second step needs a
+    // first before it: an iteration is timed whole, and the second step's
+    // launches (check, gate, update, noise step) as `base_step`, which
+    // launches the same kernels with θ read from the master as well.
+    let iteration_ms = time_ms(gpu, || {
+        tram_x
+            .first_step(&mut x_tensors, &ta, &tb, None)
+            .expect("first step");
+        tram_x.second_step(&mut x_tensors).expect("second step");
     });
-    let second_x_ms = time_ms(gpu, || tram_x.second_step(gpu).expect("second step"));
-    let second_theta_ms = time_ms(gpu, || tram_theta.second_step(gpu).expect("second step"));
+    let second_x_ms = time_ms(gpu, || tram_x.base_step(&mut x_tensors).expect("base step"));
+    let second_theta_ms = time_ms(gpu, || {
+        tram_theta.base_step(&mut theta_tensors).expect("base step")
+    });
+    let first_ms = iteration_ms - second_x_ms;
     let base_ms = time_ms(gpu, || base.step(gpu, &base_group).expect("adamw"));
     let emb = stream
         .clone_htod(&common::random::<bf16>(EMBED, 27, 1.0))
         .expect("upload");
     // SAFETY: the noise kernel writes every element before anything reads it.
     let mut noised = unsafe { stream.alloc::<bf16>(EMBED) }.expect("alloc");
+    let emb_ref = DevRef::new(&emb);
+    let mut noised_mut = DevMut::new(&mut noised);
     let noise_ms = time_ms(gpu, || {
-        tram_x
-            .noise(gpu, &emb.as_view(), &mut noised.as_view_mut())
-            .expect("noise")
+        tram_x.noise(&emb_ref, &mut noised_mut).expect("noise")
     });
     gpu.synchronize().expect("synchronize");
 
@@ -339,19 +468,22 @@ fn main() {
         "first_step",
         first_ms,
         None,
-        "TramStep::first_step as one call (kl + norm + perturb back to back)",
+        "TramStep::first_step: a whole iteration (first_step + second_step) less the second \
+         step's launches (phase gate + kl + norm + perturb)",
     );
     report(
         "second_step_x",
         second_x_ms,
-        Some(30 * n),
-        "TramStep::second_step, TRAM-x: fused AdamW (with its step counter) + the noise-step counter",
+        Some(34 * n),
+        "TramStep::second_step's launches, TRAM-x, timed as base_step: the AMP check over the \
+         gradients (+4 B/param), the gate with the step counter, fused AdamW, the noise-step counter",
     );
     report(
         "second_step_theta",
         second_theta_ms,
-        Some(36 * n),
-        "TramStep::second_step, TRAM-theta: fused AdamW with the bf16 EMA target of the master fused in (+6 B/param)",
+        Some(40 * n),
+        "TramStep::second_step's launches, TRAM-theta, timed as base_step: check, gate, fused AdamW \
+         with the bf16 EMA target of the master fused in (+4 B/param check, +4 B/param target)",
     );
     report(
         "ours_fused_adamw",

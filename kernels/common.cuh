@@ -24,6 +24,7 @@ template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __f
 #define TRAM_STATUS_NONFINITE_GRAD 4u
 #define TRAM_STATUS_NONFINITE_RADIUS 8u
 #define TRAM_STATUS_NEGATIVE_RADIUS 16u
+#define TRAM_STATUS_OVERFLOW 32u
 
 // Mirrors `Geometry::code` in src/config.rs.
 #define TRAM_GEOMETRY_SAM 0u

@@ -2,7 +2,8 @@
 // one launch (12 bytes per f32 parameter: θ̄ and θ in, θ̄ out).
 //
 // f64 with explicitly rounded intrinsics, in the order of `ema_element` in
-// src/cpu/ema.rs, so both backends store the same bits. λ = 0 copies (the
+// src/cpu/ema.rs, so both backends store the same bits for finite values
+// (NaN: the GPU's canonical one, the CPU's keeps the payload). λ = 0 copies (the
 // launcher skips λ = 1 entirely: θ̄ stays bit for bit).
 #include "multi_tensor.cuh"
 

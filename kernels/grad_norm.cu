@@ -15,10 +15,16 @@
 // sum_sq is at most (V + 5) * 2^-24 <= 7.8e-7 plus n * 2^-53 <= 3e-8 for
 // n <= 2^28 (the f64 sums), i.e. the norm is within 4.1e-7 relative of the
 // exact norm of the stored inputs (documented and tested as 1e-6).
-// A term is formed in f32, so |g'| above ~1.8e19 overflows to inf: the norm is
-// then not finite (and the perturbation reports NONFINITE_GRAD) although
-// found_inf, which looks at the gradients alone as the CPU reference's does,
-// stays 0.
+// Huge gradients: a term formed in f32 overflows once |g'| exceeds ~1.8e19
+// (its square leaves f32's range), and the sum is then not finite. When that
+// happens with no inf/NaN gradient (found_inf 0), the last block sums the whole
+// group again with every term in f64, where finite inputs cannot overflow (the
+// CPU reference's terms): the norm is finite again, within ~1e-10 relative,
+// or not finite only for a non-finite θ (adaptive). The common case pays one
+// test in the last block; the slow pass (one block) runs only on overflow.
+// Tiny ones: terms below f32's normal range (|g'| below ~1e-19) are summed as
+// f32 subnormals or zeros, so a group whose every |g'| is that small has a less
+// accurate norm than stated (the CPU reference's has no such limit).
 #include "multi_tensor.cuh"
 
 #define NORM_THREADS 256
@@ -95,18 +101,58 @@ __device__ __forceinline__ void norm_chunk(const T* th, const G* g, MtSpan span,
     }
 }
 
+// The term of one element in f64 (the CPU reference's terms).
+template <int GEOM>
+__device__ __forceinline__ double norm_term_f64(float theta, float g, float s, float eta) {
+    const double x = (double)s * (double)g;
+    if (GEOM == TRAM_GEOMETRY_ADAPTIVE) {
+        const double y = (fabs((double)theta) + (double)eta) * x;
+        return y * y;
+    }
+    const double q = x * x;
+    return GEOM == TRAM_GEOMETRY_FISHER ? q / (1.0 + (double)eta * q) : q;
+}
+
+// The slow pass: the sum of every term of the group in f64, by one block in a
+// fixed order (result in thread 0). Out of line and not unrolled: it must not
+// raise the register count of the kernel's common path.
+template <typename T, typename G, int GEOM>
+__device__ __noinline__ double grad_norm_f64(const MtTensor* tensors, const MtChunk* chunks, uint32_t n,
+                                             uint32_t theta_slot, float eta, float s_arg,
+                                             const float* s_dev, double* scratch) {
+    const float s = s_dev != nullptr ? *s_dev : s_arg;
+    double acc = 0.0;
+#pragma unroll 1
+    for (uint32_t c = 0; c < n; ++c) {
+        const MtTensor& t = tensors[chunks[c].tensor];
+        const MtSpan span = mt_span(t, chunks[c]);
+        const G* g = reinterpret_cast<const G*>(t.ptr[MT_SLOT_GRAD]);
+        const T* th = reinterpret_cast<const T*>(t.ptr[theta_slot]);
+#pragma unroll 1
+        for (uint64_t i = span.begin + threadIdx.x; i < span.end; i += blockDim.x) {
+            const float theta = GEOM == TRAM_GEOMETRY_ADAPTIVE ? to_f32(th[i]) : 0.0f;
+            acc += norm_term_f64<GEOM>(theta, to_f32(g[i]), s, eta);
+        }
+    }
+    return mt_block_sum(acc, scratch);
+}
+
 // theta_slot: where θ is read for the adaptive geometry (the params, or the
 // f32 master weights). partials: 2 * gridDim.x doubles (the block sums, then
 // the blocks' found-inf flags as 0/1); counter: zero on entry, left zero.
+// inv_scale_dev: null, or the inverse scale in device memory, read instead of
+// `inv_scale` (a replayed graph then follows the host's loss scaler).
 template <typename T, typename G>
 __device__ void grad_norm(const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,
-                          uint32_t theta_slot, uint32_t geometry, float eta, float inv_scale,
-                          double* partials, uint32_t* counter, NormState* state) {
+                          uint32_t theta_slot, uint32_t geometry, float eta, float inv_scale_arg,
+                          double* partials, uint32_t* counter, NormState* state,
+                          const float* inv_scale_dev) {
     __shared__ double scratch[32];
     __shared__ bool last;
     double acc = 0.0;
     bool bad = false;
     const uint32_t n = *n_chunks;
+    const float inv_scale = inv_scale_dev != nullptr ? *inv_scale_dev : inv_scale_arg;
     for (uint32_t c = blockIdx.x; c < n; c += gridDim.x) {
         const MtChunk ch = chunks[c];
         const MtTensor& t = tensors[ch.tensor];
@@ -141,11 +187,30 @@ __device__ void grad_norm(const MtTensor* tensors, const MtChunk* chunks, const 
     }
     total = mt_block_sum(total, scratch);
     flags = mt_block_sum(flags, scratch);
+    // An f32 term overflowed while every gradient is finite: sum again in f64.
+    // (Through shared memory, so nothing is kept in registers across the call.)
+    __shared__ double s_total;
+    __shared__ bool slow;
     if (threadIdx.x == 0) {
-        state->sum_sq = total;
-        state->norm = sqrt(total);
+        s_total = total;
+        slow = !isfinite(total) && flags == 0.0;
         state->found_inf = flags > 0.0 ? 1u : 0u;
         *counter = 0u;  // ready for the next launch
+    }
+    __syncthreads();
+    if (slow) {
+        double t;
+        if (geometry == TRAM_GEOMETRY_ADAPTIVE)
+            t = grad_norm_f64<T, G, TRAM_GEOMETRY_ADAPTIVE>(tensors, chunks, n, theta_slot, eta, inv_scale_arg, inv_scale_dev, scratch);
+        else if (geometry == TRAM_GEOMETRY_FISHER)
+            t = grad_norm_f64<T, G, TRAM_GEOMETRY_FISHER>(tensors, chunks, n, theta_slot, eta, inv_scale_arg, inv_scale_dev, scratch);
+        else
+            t = grad_norm_f64<T, G, TRAM_GEOMETRY_SAM>(tensors, chunks, n, theta_slot, eta, inv_scale_arg, inv_scale_dev, scratch);
+        if (threadIdx.x == 0) s_total = t;
+    }
+    if (threadIdx.x == 0) {
+        state->sum_sq = s_total;
+        state->norm = sqrt(s_total);
     }
 }
 
@@ -153,9 +218,9 @@ __device__ void grad_norm(const MtTensor* tensors, const MtChunk* chunks, const 
     extern "C" __global__ void __launch_bounds__(NORM_THREADS) grad_norm_##TN##_##GN(           \
         const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,               \
         uint32_t theta_slot, uint32_t geometry, float eta, float inv_scale, double* partials,   \
-        uint32_t* counter, NormState* state) {                                                  \
+        uint32_t* counter, NormState* state, const float* inv_scale_dev) {                      \
         grad_norm<T, G>(tensors, chunks, n_chunks, theta_slot, geometry, eta, inv_scale,        \
-                        partials, counter, state);                                              \
+                        partials, counter, state, inv_scale_dev);                               \
     }
 
 // θ type (params, or f32 master) x gradient type.

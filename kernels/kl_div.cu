@@ -7,8 +7,10 @@
 // M, a reference c (the logit difference at the argmax, in raw logit units),
 // and S = sum w, A = sum w x, B = sum w phi(x) with w = e^(s - M), x = d - c
 // (scaled by 1/tau) and phi(x) = expm1(-x) + x. Threads accumulate in f32 (the
-// difference d exact: in f64 for f32 inputs); warp, block and multi-block
-// merges run in f64 in a fixed order, so results are bit-identical run to run.
+// difference d in f64 for f32 inputs: exact while a and b lie within ~29
+// binades of each other, see the error bound in src/cuda/kl_div.rs); warp,
+// block and multi-block merges run in f64 in a fixed order, so results are
+// bit-identical run to run.
 //
 // Launches: (1) kl_div_partials_*: one block per (row, chunk); with one chunk
 // per row the block finalises its row, else it writes a partial. (2)

@@ -16,13 +16,27 @@
 // too), the out-of-place path copies θ to their output.
 //
 // Every block derives the same status and coefficient from the same device
-// scalars; block 0 records them (and the norm and ρ it used) in the state.
+// scalars; block 0 records them (and the norm and ρ it used) in the state. An
+// applied step also looks for overflow: a finite θ (or master value) written as
+// ±inf. Each block ORs its threads' findings (__syncthreads_or) and counts a
+// finding in scratch[1]; the block that takes the last ticket of scratch[0]
+// writes the status, APPLIED with or without OVERFLOW, and zeroes both words.
+// So the status is written once, after every block has contributed, and does
+// not depend on the order the blocks ran in.
 //
 // Arithmetic: SAM is one f32 fma per element with c·s rounded once to f32, so
 // ε carries one rounding (2^-24 relative) before the final rounding of θ + ε.
 // Adaptive and Fisher form w in f64 when θ is f32 (ε then carries ~2^-53) and in
-// f32 for f16/bf16 outputs (~6·2^-24, far below their ulp). In every case
-// |result − (θ + ε)| <= 1 ulp(θ + ε) + 2 ulp(ε), ε exact from the norm and ρ used.
+// f32 for f16/bf16 outputs (~6·2^-24, far below their ulp). Huge numbers: SAM
+// and adaptive work in f64 for the whole launch when c·s is not a normal f32
+// (e.g. a norm near 1e21 with ρ below ~1e-17) or the norm passes 2^60 (then
+// some (|θ|+η)·s·g may too, and its square overflow an f32); Fisher in f32
+// takes w = 1/(1/x + η x) for |x| = |s·g| >= 2^32, where the square in
+// x/(1 + η x²) would overflow. So |result − (θ + ε)| <= 1 ulp(θ + ε) +
+// 2 ulp(ε), ε exact from the norm and ρ used, except for f16/bf16 parameters
+// where (|θ|+η)²·g passes ~3.4e38 with a norm below 2^60 (|θ| beyond ~1e19·s;
+// θ + ε then comes out infinite, reported as OVERFLOW), or where Fisher's c, or
+// the adaptive c·s, is below ~1e-38 (fewer digits in ε).
 #include "multi_tensor.cuh"
 
 #define PERTURB_THREADS 256
@@ -35,8 +49,11 @@
 template <typename P> struct PerturbAcc { typedef float type; };
 template <> struct PerturbAcc<float> { typedef double type; };
 
+// f64 to P, to nearest even (f16/bf16 through f32: within the stated bound).
 template <typename P> __device__ __forceinline__ P round_to(float x) { return from_f32<P>(x); }
-template <typename P> __device__ __forceinline__ P round_to(double x);
+template <typename P> __device__ __forceinline__ P round_to(double x) {
+    return from_f32<P>(__double2float_rn(x));
+}
 template <> __device__ __forceinline__ float round_to<float>(double x) { return __double2float_rn(x); }
 
 struct PerturbCoef {
@@ -47,26 +64,47 @@ struct PerturbCoef {
     float eta;
 };
 
-template <typename P, int GEOM>
-__device__ __forceinline__ P perturb_one(float theta, float g, const PerturbCoef& k) {
-    if (GEOM == TRAM_GEOMETRY_SAM) return from_f32<P>(fmaf(k.cs32, g, theta));
-    typedef typename PerturbAcc<P>::type A;
-    const A th = (A)theta;
-    A e;
-    if (GEOM == TRAM_GEOMETRY_ADAPTIVE) {
-        const A a = (th < 0 ? -th : th) + (A)k.eta;  // (|θ| + η)² · s·g, with s folded into cs
-        e = (A)k.cs * (a * a * (A)g);
-    } else {
-        const A x = (A)k.s * (A)g;  // s·g / (1 + η (s·g)²)
-        e = (A)k.c * (x / ((A)1 + (A)k.eta * x * x));
-    }
-    return round_to<P>(th + e);
+// A finite θ written as ±inf (or NaN): an overflow of θ + ε.
+template <typename P> __device__ __forceinline__ bool overflowed(float theta, P out) {
+    return isfinite(theta) && !isfinite(to_f32(out));
 }
 
-// One chunk: out = θ + ε (and save = θ when SAVE), θ of type TH.
-template <typename TH, typename G, typename P, int GEOM, bool SAVE>
+// θ + ε of one element, with w formed in A (f32 or f64). SAM in f32 is one fma
+// with cs32; in f64 (A = double) c·s is used unrounded. With finite inputs only
+// an f32 intermediate can overflow; the element is then computed again in f64.
+template <typename P, int GEOM, typename A>
+__device__ __forceinline__ P perturb_one(float theta, float g, const PerturbCoef& k) {
+    if constexpr (GEOM == TRAM_GEOMETRY_SAM) {
+        if constexpr (sizeof(A) == 4) return from_f32<P>(fmaf(k.cs32, g, theta));
+        else return round_to<P>((double)theta + k.cs * (double)g);
+    } else {
+        const A th = (A)theta;
+        A e;
+        if constexpr (GEOM == TRAM_GEOMETRY_ADAPTIVE) {
+            const A a = (th < 0 ? -th : th) + (A)k.eta;  // (|θ| + η)² · s·g, s folded into cs
+            e = (A)k.cs * (a * a * (A)g);
+        } else {
+            const A x = (A)k.s * (A)g;  // s·g / (1 + η (s·g)²)
+            if constexpr (sizeof(A) == 4) {
+                // Past |x| = 2^32 the f32 square would overflow (to w = 0):
+                // there w = 1/(1/x + η x), the same number, with no overflow.
+                A w;
+                if (fabsf(x) < 4294967296.0f) w = x / ((A)1 + (A)k.eta * x * x);
+                else w = (A)1 / ((A)1 / x + (A)k.eta * x);
+                e = (A)k.c * w;
+            } else {
+                e = (A)k.c * (x / ((A)1 + (A)k.eta * x * x));
+            }
+        }
+        return round_to<P>(th + e);
+    }
+}
+
+// One chunk: out = θ + ε (and save = θ when SAVE), θ of type TH; sets ovf when
+// a finite θ of this thread was written as ±inf.
+template <typename TH, typename G, typename P, int GEOM, typename A, bool SAVE>
 __device__ __forceinline__ void perturb_chunk(const TH* th, const G* g, P* out, P* save,
-                                              MtSpan span, const PerturbCoef& k) {
+                                              MtSpan span, const PerturbCoef& k, bool& ovf) {
     constexpr int V = MtWidth<TH, typename MtWidth<G, P>::Narrow>::V;
     const int head = mt_vector_head<V>((uint64_t)th, sizeof(TH), (uint64_t)g, sizeof(G),
                                        (uint64_t)out, sizeof(P), (uint64_t)save, sizeof(P));
@@ -75,7 +113,9 @@ __device__ __forceinline__ void perturb_chunk(const TH* th, const G* g, P* out, 
     auto scalar = [&](uint64_t i) {
         const TH t = th[i];
         if constexpr (SAVE) save[i] = t;
-        out[i] = perturb_one<P, GEOM>(to_f32(t), to_f32(g[i]), k);
+        const P r = perturb_one<P, GEOM, A>(to_f32(t), to_f32(g[i]), k);
+        ovf |= overflowed(to_f32(t), r);
+        out[i] = r;
     };
     for (uint64_t i = span.begin + threadIdx.x; i < split.vbegin; i += blockDim.x) scalar(i);
     for (uint64_t i = split.vend + threadIdx.x; i < span.end; i += blockDim.x) scalar(i);
@@ -84,7 +124,10 @@ __device__ __forceinline__ void perturb_chunk(const TH* th, const G* g, P* out, 
         if constexpr (SAVE) mt_store<P, V>(save + split.vbegin + o, tv);
         MtVec<P, V> r;
 #pragma unroll
-        for (int j = 0; j < V; ++j) r.v[j] = perturb_one<P, GEOM>(to_f32(tv.v[j]), to_f32(gv.v[j]), k);
+        for (int j = 0; j < V; ++j) {
+            r.v[j] = perturb_one<P, GEOM, A>(to_f32(tv.v[j]), to_f32(gv.v[j]), k);
+            ovf |= overflowed(to_f32(tv.v[j]), r.v[j]);
+        }
         mt_store<P, V>(out + split.vbegin + o, r);
     };
     const TH* tb = th + split.vbegin;
@@ -97,27 +140,45 @@ __device__ __forceinline__ void perturb_chunk(const TH* th, const G* g, P* out, 
     }
 }
 
+// wide: SAM in f64 for the whole launch (c·s is not a normal f32).
 template <typename TH, typename G, typename P, bool SAVE>
-__device__ __forceinline__ void perturb_dispatch(uint32_t geometry, const TH* th, const G* g,
-                                                 P* out, P* save, MtSpan span,
-                                                 const PerturbCoef& k) {
-    if (geometry == TRAM_GEOMETRY_ADAPTIVE)
-        perturb_chunk<TH, G, P, TRAM_GEOMETRY_ADAPTIVE, SAVE>(th, g, out, save, span, k);
-    else if (geometry == TRAM_GEOMETRY_FISHER)
-        perturb_chunk<TH, G, P, TRAM_GEOMETRY_FISHER, SAVE>(th, g, out, save, span, k);
-    else
-        perturb_chunk<TH, G, P, TRAM_GEOMETRY_SAM, SAVE>(th, g, out, save, span, k);
+__device__ __forceinline__ void perturb_dispatch(uint32_t geometry, bool wide, const TH* th,
+                                                 const G* g, P* out, P* save, MtSpan span,
+                                                 const PerturbCoef& k, bool& ovf) {
+    typedef typename PerturbAcc<P>::type A;
+    if (geometry == TRAM_GEOMETRY_ADAPTIVE) {
+        if (wide)
+            perturb_chunk<TH, G, P, TRAM_GEOMETRY_ADAPTIVE, double, SAVE>(th, g, out, save, span, k, ovf);
+        else
+            perturb_chunk<TH, G, P, TRAM_GEOMETRY_ADAPTIVE, A, SAVE>(th, g, out, save, span, k, ovf);
+    } else if (geometry == TRAM_GEOMETRY_FISHER) {
+        perturb_chunk<TH, G, P, TRAM_GEOMETRY_FISHER, A, SAVE>(th, g, out, save, span, k, ovf);
+    } else if (wide) {
+        perturb_chunk<TH, G, P, TRAM_GEOMETRY_SAM, double, SAVE>(th, g, out, save, span, k, ovf);
+    } else {
+        perturb_chunk<TH, G, P, TRAM_GEOMETRY_SAM, float, SAVE>(th, g, out, save, span, k, ovf);
+    }
+}
+
+// A coefficient f32 can carry: 0, or a normal number (a subnormal one would
+// lose digits, an infinite one overflow every product).
+__device__ __forceinline__ bool f32_coef_ok(double c) {
+    const float f = fabsf((float)c);
+    return f == 0.0f || (f >= 1.17549435e-38f && f <= 3.40282347e38f);
 }
 
 // radius_kind: RADIUS_FIXED (ρ = r) or trust region (ρ = r·*divergence), where r is
 // *radius_dev when given (device memory, so a replayed graph sees the value the
 // host last wrote there) and the by-value `radius` otherwise (frozen into a graph).
+// The inverse scale likewise: *inv_scale_dev when given, else `inv_scale_arg`.
+// scratch: two words, zero on entry and left zero (a ticket and an overflow count).
 template <typename P, typename G, int MODE>
 __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,
-                        uint32_t geometry, float eta, float inv_scale, uint32_t radius_kind,
+                        uint32_t geometry, float eta, float inv_scale_arg, uint32_t radius_kind,
                         float radius, const float* radius_dev, const float* divergence,
-                        NormState* state) {
-    __shared__ double s_c;
+                        NormState* state, uint32_t* scratch, const float* inv_scale_dev) {
+    const float inv_scale = inv_scale_dev != nullptr ? *inv_scale_dev : inv_scale_arg;
+    __shared__ double s_c, s_norm;
     __shared__ uint32_t s_status;
     if (threadIdx.x == 0) {
         // sum_sq, not norm: a sharded caller all-reduces sum_sq alone.
@@ -132,13 +193,15 @@ __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const ui
         if (status == 0) status = norm == 0.0 ? TRAM_STATUS_ZERO_NORM : TRAM_STATUS_APPLIED;
         const double coef = status == TRAM_STATUS_APPLIED ? rho / (norm + TRAM_NORM_EPS) : 0.0;
         s_c = coef;
+        s_norm = norm;
         s_status = status;
         if (blockIdx.x == 0) {
             // Other blocks read only sum_sq, which nobody writes here.
             state->norm = norm;
             state->rho = rho;
             state->coef = coef;
-            state->status = status;
+            // An applied step's status is written after every block's overflow check.
+            if (status != TRAM_STATUS_APPLIED) state->status = status;
         }
     }
     __syncthreads();
@@ -150,6 +213,12 @@ __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const ui
     k.cs32 = (float)k.cs;
     k.s = inv_scale;
     k.eta = eta;
+    // SAM's f32 path multiplies by cs32.
+    // f64 for the whole launch where f32 may not hold the numbers: SAM's cs32
+    // is not a normal f32, or (adaptive, f16/bf16) the norm is past 2^60, so
+    // that some (|θ|+η)·s·g may be too and (|θ|+η)²·g overflow an f32.
+    const bool wide = !f32_coef_ok(k.cs) || !(s_norm < 1.152921504606846976e18);  // 2^60
+    bool ovf = false;
 
     // Chunks of tensors with a gradient come first; out of place also walks
     // the others, whose output is θ itself.
@@ -168,18 +237,36 @@ __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const ui
         if (MODE == PERTURB_MASTER) {
             const float* m = reinterpret_cast<const float*>(t.ptr[MT_SLOT_MASTER]);
             P* w = reinterpret_cast<P*>(t.ptr[MT_SLOT_PARAM]);
-            perturb_dispatch<float, G, P, false>(geometry, m, g, w, nullptr, span, k);
+            perturb_dispatch<float, G, P, false>(geometry, wide, m, g, w, nullptr, span, k, ovf);
         } else {
             P* th = reinterpret_cast<P*>(t.ptr[MT_SLOT_PARAM]);
             P* dst = reinterpret_cast<P*>(t.ptr[MODE == PERTURB_IN_PLACE ? MT_SLOT_BACKUP : MT_SLOT_OUT]);
             if (!applied) {
                 mt_copy_chunk<P>(th, dst, span);  // backup (in place) or θ itself (out of place)
             } else if (MODE == PERTURB_IN_PLACE) {
-                perturb_dispatch<P, G, P, true>(geometry, th, g, th, dst, span, k);
+                perturb_dispatch<P, G, P, true>(geometry, wide, th, g, th, dst, span, k, ovf);
             } else {
-                perturb_dispatch<P, G, P, false>(geometry, th, g, dst, nullptr, span, k);
+                perturb_dispatch<P, G, P, false>(geometry, wide, th, g, dst, nullptr, span, k, ovf);
             }
         }
+    }
+    if (!applied) return;  // block 0 wrote the status; nothing can have overflowed
+
+    // Every block, once: OR of its threads, counted; the last ticket writes the status.
+    __shared__ bool last;
+    const bool block_ovf = __syncthreads_or(ovf);
+    if (threadIdx.x == 0) {
+        if (block_ovf) atomicAdd(scratch + 1, 1u);
+        __threadfence();  // the count is visible device-wide before the ticket is taken
+        last = atomicAdd(scratch, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (last && threadIdx.x == 0) {
+        __threadfence();  // ...and every other block's count is seen after it
+        const uint32_t found = atomicAdd(scratch + 1, 0u);
+        state->status = TRAM_STATUS_APPLIED | (found != 0u ? TRAM_STATUS_OVERFLOW : 0u);
+        scratch[0] = 0u;  // ready for the next launch
+        scratch[1] = 0u;
     }
 }
 
@@ -187,9 +274,10 @@ __device__ void perturb(const MtTensor* tensors, const MtChunk* chunks, const ui
     extern "C" __global__ void __launch_bounds__(PERTURB_THREADS, 4) perturb_##MN##_##PN##_##GN(    \
         const MtTensor* tensors, const MtChunk* chunks, const uint32_t* n_chunks,               \
         uint32_t geometry, float eta, float inv_scale, uint32_t radius_kind, float radius,      \
-        const float* radius_dev, const float* divergence, NormState* state) {                   \
+        const float* radius_dev, const float* divergence, NormState* state, uint32_t* scratch,  \
+        const float* inv_scale_dev) {                                                           \
         perturb<P, G, MODE>(tensors, chunks, n_chunks, geometry, eta, inv_scale, radius_kind,   \
-                            radius, radius_dev, divergence, state);                             \
+                            radius, radius_dev, divergence, state, scratch, inv_scale_dev);     \
     }
 #define PERTURB_MODES(PN, GN, P, G)                                \
     PERTURB(in_place, PERTURB_IN_PLACE, PN, GN, P, G)              \

@@ -39,13 +39,17 @@ if [ "$variant" = sanitize ]; then
 fi
 
 # The emulator's own tests print the refusals they provoke: shown in full only
-# when one fails.
-if ! selftest="$($runner TRAM_EMU_KERNEL_LIBS="$lib/libtram_emu_testkernels.so" "$lib/driver_test" 2>&1)"; then
+# when one fails. They assume that stream work runs when it is enqueued (they
+# read device memory right after launching): not under deferred streams.
+if [ "${TRAM_EMU_DEFERRED:-0}" = 1 ]; then
+    echo "emu-test: deferred streams: the emulator's own tests (driver_test) are skipped" >&2
+elif ! selftest="$($runner TRAM_EMU_KERNEL_LIBS="$lib/libtram_emu_testkernels.so" "$lib/driver_test" 2>&1)"; then
     echo "$selftest" >&2
     echo "emu-test: the emulator's own tests failed" >&2
     exit 1
+else
+    echo "$selftest" | tail -n 1 >&2
 fi
-echo "$selftest" | tail -n 1 >&2
 
 host="$(rustc -vV | sed -n 's/^host: //p')"
 export "CARGO_TARGET_$(echo "$host" | tr 'a-z-' 'A-Z_')_RUNNER=$runner"

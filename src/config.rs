@@ -57,7 +57,7 @@ pub struct PerturbStatus(pub u32);
 
 impl PerturbStatus {
     /// ε = ρ·w/(N + 1e-12) was added to θ (norm finite and > 0, ρ finite and
-    /// ≥ 0; ε is zero everywhere when ρ = 0).
+    /// ≥ 0; ε is zero everywhere when ρ = 0). `OVERFLOW` may come with it.
     pub const APPLIED: u32 = 1;
     /// The norm was zero: ε = 0, θ unchanged (not an error).
     pub const ZERO_NORM: u32 = 1 << 1;
@@ -68,6 +68,13 @@ impl PerturbStatus {
     pub const NONFINITE_RADIUS: u32 = 1 << 3;
     /// The radius was negative: θ unchanged.
     pub const NEGATIVE_RADIUS: u32 = 1 << 4;
+    /// Set together with `APPLIED`: θ + ε overflowed the parameter type, so
+    /// some element whose θ (or master value) was finite was written as ±inf.
+    /// θ was written all the same; the in-place backup still holds θ bit for
+    /// bit (restore it, as after a `found_inf` step), the master weights are
+    /// untouched, and an out-of-place θ is only read. Elements already
+    /// infinite in θ do not set it.
+    pub const OVERFLOW: u32 = 1 << 5;
 
     pub const fn applied(self) -> bool {
         self.0 & Self::APPLIED != 0
@@ -77,6 +84,10 @@ impl PerturbStatus {
     }
     pub const fn found_inf(self) -> bool {
         self.0 & Self::NONFINITE_GRAD != 0
+    }
+    /// θ + ε overflowed to ±inf somewhere (see [`PerturbStatus::OVERFLOW`]).
+    pub const fn overflow(self) -> bool {
+        self.0 & Self::OVERFLOW != 0
     }
     pub const fn bad_radius(self) -> bool {
         self.0 & (Self::NONFINITE_RADIUS | Self::NEGATIVE_RADIUS) != 0
@@ -249,14 +260,30 @@ pub fn validate_delta(delta: f32) -> crate::Result<()> {
     Ok(())
 }
 
+/// Checks an inverse loss scale s (gradients are unscaled as s·g): finite
+/// and > 0.
+pub fn validate_inv_scale(inv_scale: f32) -> crate::Result<()> {
+    crate::error::ensure!(
+        inv_scale.is_finite() && inv_scale > 0.0,
+        "inverse loss scale {inv_scale} must be finite and > 0"
+    );
+    Ok(())
+}
+
 /// The optimizer's step count and the bias-correction powers βᵗ, kept in f64
 /// and advanced by one multiplication per step on both backends, so the CPU and
 /// the GPU hold identical bits (the CUDA backend keeps it in device memory and
 /// advances it with a kernel, which a replayed CUDA graph repeats).
+///
+/// To resume a run bit for bit, save the whole counter and set it back (the
+/// steps' `state` / `set_state`): the powers carry the rounding of every
+/// multiplication so far. [`StepCounter::at`] rebuilds a counter from `t`
+/// alone.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[repr(C)]
 pub struct StepCounter {
-    /// Updates applied so far (t of the bias corrections once advanced).
+    /// Updates applied so far (t of the bias corrections once advanced);
+    /// saturates at `u64::MAX`.
     pub t: u64,
     /// β1ᵗ (1 for SGD).
     pub beta1_pow: f64,
@@ -264,28 +291,67 @@ pub struct StepCounter {
     pub beta2_pow: f64,
 }
 
+/// Up to this many steps, [`StepCounter::at`] multiplies as advancing does.
+pub const STEP_COUNTER_EXACT_UP_TO: u64 = 1 << 20;
+
 impl StepCounter {
-    /// The counter after `t` steps of `opt`, by the same multiplications as
-    /// [`StepCounter::advance`] (bit-identical to advancing t times).
+    /// The counter after `t` steps of `opt`, fast for any `t`: for
+    /// t ≤ [`STEP_COUNTER_EXACT_UP_TO`] (2²⁰) βᵗ is the product of t factors
+    /// β taken in order, the very bits that advancing t times gives (at most
+    /// 2²⁰ multiplications, about a millisecond); beyond, binary powering (at
+    /// most 128 multiplications, within 2⁻⁴⁵ relative of the exact power,
+    /// where the in-order product has drifted further). βᵗ underflows to 0
+    /// for large t, as it does when advancing.
     pub fn at(opt: &BaseOptimizer, t: u64) -> Self {
-        let mut c = StepCounter {
-            t: 0,
-            beta1_pow: 1.0,
-            beta2_pow: 1.0,
+        let (b1, b2) = match *opt {
+            BaseOptimizer::AdamW { beta1, beta2, .. } => (beta1 as f64, beta2 as f64),
+            BaseOptimizer::Sgd { .. } => (1.0, 1.0),
         };
-        for _ in 0..t {
-            c.advance(opt);
+        let pow = |b: f64| {
+            if t <= STEP_COUNTER_EXACT_UP_TO {
+                let mut p = 1.0f64;
+                for _ in 0..t {
+                    p *= b;
+                }
+                p
+            } else {
+                let (mut acc, mut base, mut e) = (1.0f64, b, t);
+                while e > 0 {
+                    if e & 1 == 1 {
+                        acc *= base;
+                    }
+                    base *= base;
+                    e >>= 1;
+                }
+                acc
+            }
+        };
+        StepCounter {
+            t,
+            beta1_pow: pow(b1),
+            beta2_pow: pow(b2),
         }
-        c
     }
 
-    /// One more step: t += 1 and βᵗ ← βᵗ·β.
+    /// One more step: t += 1 (saturating) and βᵗ ← βᵗ·β.
     pub fn advance(&mut self, opt: &BaseOptimizer) {
-        self.t += 1;
+        self.t = self.t.saturating_add(1);
         if let BaseOptimizer::AdamW { beta1, beta2, .. } = *opt {
             self.beta1_pow *= beta1 as f64;
             self.beta2_pow *= beta2 as f64;
         }
+    }
+
+    /// Checks a counter set from outside (a checkpoint): the powers finite
+    /// and in [0, 1].
+    pub fn validate(&self) -> crate::Result<()> {
+        crate::error::ensure!(
+            (0.0..=1.0).contains(&self.beta1_pow) && (0.0..=1.0).contains(&self.beta2_pow),
+            "step counter powers ({}, {}) must lie in [0, 1]",
+            self.beta1_pow,
+            self.beta2_pow
+        );
+        Ok(())
     }
 }
 

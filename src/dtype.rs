@@ -33,7 +33,9 @@ impl DType {
 /// An element type the kernels and the CPU reference accept.
 ///
 /// Conversions from f32/f64 round to nearest even, as the GPU's `__float2half_rn`
-/// and `__float2bfloat16_rn` do, so both sides store identical bits.
+/// and `__float2bfloat16_rn` do, so both sides store identical bits for every
+/// non-NaN value (a NaN stays NaN; a GPU gives the canonical one, `half` keeps
+/// the payload's top bits).
 pub trait Element:
     Copy + Send + Sync + PartialEq + std::fmt::Debug + bytemuck::Pod + Default + 'static
 {

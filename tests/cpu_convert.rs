@@ -83,7 +83,7 @@ fn check_narrow<T: Element>(xs: &[f64]) {
     for block in xs.chunks(511) {
         let mut got = vec![T::default(); block.len()];
         let mut scratch = vec![0.0f32; block.len()];
-        narrow(block, &mut got, &mut scratch);
+        narrow(block, &mut got, &mut scratch).unwrap();
         for (g, &x) in got.iter().zip(block) {
             let want = T::from_f64(x);
             assert_eq!(
@@ -102,7 +102,7 @@ fn check_narrow<T: Element>(xs: &[f64]) {
 fn exhaustive16<T: Element>() {
     let all: Vec<T> = (0..=u16::MAX).map(from_bits16).collect();
     let mut buf = vec![0.0f32; all.len()];
-    let wide = widen(&all, &mut buf);
+    let wide = widen(&all, &mut buf).unwrap();
     for (w, v) in wide.iter().zip(&all) {
         let want = v.to_f32();
         assert!(
@@ -199,6 +199,51 @@ fn random_and_special_f64() {
     // Widening f32 is the identity.
     let f: Vec<f32> = xs.iter().map(|&x| x as f32).collect();
     let mut buf = vec![0.0f32; f.len()];
-    let w = widen(&f, &mut buf);
+    let w = widen(&f, &mut buf).unwrap();
     assert!(w.iter().zip(&f).all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
+/// Buffers of the wrong length are an `Err` (they panicked, and `narrow` into a
+/// short output silently dropped values), for every element type; a short
+/// scratch only makes f16 take the element-wise path, with the same bits.
+#[test]
+fn wrong_lengths_are_errors() {
+    fn check<T: Element>() {
+        let src: Vec<T> = [1.5f64, -2.25, 3.0]
+            .iter()
+            .map(|&x| T::from_f64(x))
+            .collect();
+        let mut short = [0.0f32; 2];
+        assert!(widen(&src, &mut short).is_err(), "{:?} widen", T::DTYPE);
+        let mut long = [f32::NAN; 4];
+        assert_eq!(widen(&src, &mut long).unwrap(), &[1.5, -2.25, 3.0]);
+
+        let vals = [1.0f64 / 3.0, -7.5, 65504.0];
+        let poison = T::from_f64(99.0);
+        for n in [2usize, 4] {
+            let mut dst = vec![poison; n];
+            let r = narrow(&vals, &mut dst, &mut [0.0; 8]);
+            assert!(r.is_err(), "{:?} narrow into {n}", T::DTYPE);
+            assert!(
+                dst.iter().all(|&d| d == poison),
+                "{:?}: written on error",
+                T::DTYPE
+            );
+        }
+        for scratch_len in [0usize, 2, 3] {
+            let mut dst = vec![poison; 3];
+            narrow(&vals, &mut dst, &mut vec![0.0; scratch_len]).unwrap();
+            for (d, &x) in dst.iter().zip(&vals) {
+                assert_eq!(
+                    d.to_bits_u32(),
+                    T::from_f64(x).to_bits_u32(),
+                    "{:?}",
+                    T::DTYPE
+                );
+            }
+        }
+    }
+    check::<f32>();
+    check::<bf16>();
+    check::<f16>();
 }

@@ -1039,3 +1039,167 @@ fn strides_may_differ_and_padding_is_never_read() {
         assert_eq!(gx, gy);
     }
 }
+
+// ------------------------------------------------- logits far apart in magnitude
+
+/// The value and gradients of rows `a`, `b` (several rows of `vocab`) against the
+/// oracle on `a − a_shift`, `b − b_shift`: the same divergence (softmax ignores a
+/// constant), on small inputs the oracle handles exactly. Each shift must be
+/// exact for the elements it is applied to (the callers use values of T near it).
+#[allow(clippy::too_many_arguments)]
+fn check_shifted<T: Element>(
+    a: &[T],
+    b: &[T],
+    vocab: usize,
+    a_shift: f64,
+    b_shift: f64,
+    tau: f32,
+    what: &str,
+) -> f64 {
+    let rows = a.len() / vocab;
+    let la = Logits::dense(a, rows, vocab).unwrap();
+    let lb = Logits::dense(b, rows, vocab).unwrap();
+    let mut worst = 0.0f64;
+    for dir in DIRS {
+        let o = opts(dir, Reduction::Sum, tau);
+        let (out, g) = kl_div_grad(&la, &lb, None, &o, 1.0, true).unwrap();
+        let gt = g.target.unwrap();
+        for r in 0..rows {
+            let ar: Vec<f64> = a[r * vocab..(r + 1) * vocab]
+                .iter()
+                .map(|x| x.to_f64() - a_shift)
+                .collect();
+            let br: Vec<f64> = b[r * vocab..(r + 1) * vocab]
+                .iter()
+                .map(|x| x.to_f64() - b_shift)
+                .collect();
+            let (kl, ga, gb) = oracle_row(&ar, &br, dir, tau as f64);
+            let got = out.per_row[r];
+            assert!(
+                kl.is_finite() && kl > 0.0,
+                "{what} {dir:?}: test data ({kl})"
+            );
+            let e = rel_err(got, kl);
+            assert!(
+                e <= KL_REL,
+                "{what} {dir:?} row {r}: KL {got:e} vs {kl:e} (rel {e:e})"
+            );
+            worst = worst.max(e);
+            let rg = r * vocab..(r + 1) * vocab;
+            for (name, got, want) in [
+                ("model", &g.model[rg.clone()], &gb),
+                ("target", &gt[rg], &ga),
+            ] {
+                let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                for i in 0..vocab {
+                    let e = (got[i] - want[i]).abs();
+                    assert!(
+                        e <= GRAD_TOL * (scale + want[i].abs()),
+                        "{what} {dir:?} row {r} d/d{name}[{i}]: {:e} vs {:e}",
+                        got[i],
+                        want[i]
+                    );
+                }
+            }
+        }
+    }
+    worst
+}
+
+/// `a − b` is not exact in f64 once the two logits' exponents differ by more
+/// than 53 − (significand bits): the difference must be carried exactly anyway.
+#[test]
+fn logits_far_apart_in_magnitude_keep_the_bound() {
+    // The row: P uniform, Q = softmax([0, 1]); KL = ln(1 + e) − 1/2 − ln 2.
+    let (o, _, _) = one_row(&[1e16, 1e16], &[0.0, 1.0], KlDirection::Forward);
+    let want = (1.0 + std::f64::consts::E).ln() - 0.5 - std::f64::consts::LN_2;
+    assert!(
+        rel_err(o.per_row[0], want) <= KL_REL,
+        "{} vs {want}",
+        o.per_row[0]
+    );
+
+    let mut rng = SmallRng::seed_from_u64(77);
+    let mut worst = 0.0f64;
+    // f32, one side at a large offset o, the other near 0, in both roles:
+    // (1) the far side constant (its softmax uniform), the near one ~ N(0, 9);
+    // (2) the far side o + {0, 1, 2} ulps at τ = ulp(o) (spread over three
+    //     levels), the near one ~ 2^-12·τ·N(0, 9): 35 binades apart.
+    for offset in [1e10f32, 1e16, 3e38, -1e12] {
+        let ulp = (f32::from_bits(offset.abs().to_bits() + 1) - offset.abs()) as f64;
+        let rows = 3;
+        for (vocab, tau) in [(3usize, 1.0f32), (1000, 1.0), (5000, 2.5)] {
+            let far = vec![offset; rows * vocab];
+            let near: Vec<f32> = (0..rows * vocab)
+                .map(|_| (3.0 * normal(&mut rng)) as f32)
+                .collect();
+            let what = format!("f32 offset {offset:e} constant, V={vocab} τ={tau}");
+            worst = worst.max(check_shifted(
+                &far,
+                &near,
+                vocab,
+                offset as f64,
+                0.0,
+                tau,
+                &what,
+            ));
+            worst = worst.max(check_shifted(
+                &near,
+                &far,
+                vocab,
+                0.0,
+                offset as f64,
+                tau,
+                &what,
+            ));
+        }
+        let vocab = 2000;
+        let far: Vec<f32> = (0..rows * vocab)
+            .map(|i| (offset as f64 + ulp * (i % 3) as f64) as f32)
+            .collect();
+        let near: Vec<f32> = (0..rows * vocab)
+            .map(|_| (ulp * 2f64.powi(-12) * 3.0 * normal(&mut rng)) as f32)
+            .collect();
+        let tau = ulp as f32;
+        let what = format!("f32 offset {offset:e} three levels, τ = ulp");
+        worst = worst.max(check_shifted(
+            &far,
+            &near,
+            vocab,
+            offset as f64,
+            0.0,
+            tau,
+            &what,
+        ));
+        worst = worst.max(check_shifted(
+            &near,
+            &far,
+            vocab,
+            0.0,
+            offset as f64,
+            tau,
+            &what,
+        ));
+    }
+    // bf16 (8 significand bits, f32's exponent range) and f16 (whose range is
+    // too small for an inexact difference: checked all the same).
+    for (offset, dtype) in [(3e38f64, "bf16"), (1e20, "bf16"), (65504.0, "f16")] {
+        let vocab = 700;
+        let small: Vec<f64> = (0..2 * vocab).map(|_| 3.0 * normal(&mut rng)).collect();
+        let what = format!("{dtype} offset {offset:e}");
+        if dtype == "bf16" {
+            let big = vec![bf16::from_f64(offset); 2 * vocab];
+            let s: Vec<bf16> = small.iter().map(|&x| bf16::from_f64(x)).collect();
+            let shift = big[0].to_f64();
+            worst = worst.max(check_shifted(&big, &s, vocab, shift, 0.0, 1.0, &what));
+            worst = worst.max(check_shifted(&s, &big, vocab, 0.0, shift, 1.0, &what));
+        } else {
+            let big = vec![f16::from_f64(offset); 2 * vocab];
+            let s: Vec<f16> = small.iter().map(|&x| f16::from_f64(x * 1e-3)).collect();
+            let shift = big[0].to_f64();
+            worst = worst.max(check_shifted(&big, &s, vocab, shift, 0.0, 1e-3, &what));
+            worst = worst.max(check_shifted(&s, &big, vocab, 0.0, shift, 1e-3, &what));
+        }
+    }
+    eprintln!("far-apart logits: worst relative KL error {worst:e}");
+}

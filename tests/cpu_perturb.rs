@@ -421,9 +421,10 @@ fn check_status_paths<P: Element, G: Element>(seed: u64) {
             ),
         ] {
             if want == S::APPLIED {
-                // δ·d overflows f32 but not f64: ρ is finite and applied.
+                // δ·d overflows f32 but not f64: ρ is finite and applied, and
+                // θ + ε overflows the parameter type.
                 let (rep, ..) = run_all(&group.params, &group.grads, geo, radius, d, 1.0);
-                assert_eq!(rep.status, S(S::APPLIED));
+                assert_eq!(rep.status, S(S::APPLIED | S::OVERFLOW));
                 continue;
             }
             assert_eq!(
@@ -876,4 +877,71 @@ fn bad_input_is_an_error() {
     assert!(rep.status.applied());
     restore(&mut [&mut t2[..]], &[&g3[..]]).unwrap();
     assert_eq!(t2, g3.to_vec());
+}
+
+/// θ + ε that overflows the parameter type to ±inf, from a finite θ, is
+/// reported (OVERFLOW with APPLIED) on every path; θ is still restored bit for
+/// bit from the backup, and the master and the out-of-place input are untouched.
+fn check_overflow<P: Element, G: Element>(big: f64, seed: u64) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    use PerturbStatus as S;
+    let overflow = S::APPLIED | S::OVERFLOW;
+    for geo in GEOMETRIES {
+        for sign in [1.0, -1.0] {
+            // Element 3 of tensor 1 sits at `big` and its gradient points
+            // outward, dominating the norm: ε there is about ρ (more for the
+            // adaptive geometry), and ρ = 2·big.
+            let mut group = Group::<P, G>::random(&mut rng, &[5, 9, 70_000]);
+            group.params[1][3] = P::from_f64(sign * big);
+            group.grads[1] = Some(rand_vec(&mut rng, 9, 1e-3));
+            group.grads[1].as_mut().unwrap()[3] = G::from_f64(sign);
+            let huge = Radius::TrustRegion { delta: 2.0 };
+            let (rep, theta, backups, working, out) =
+                run_all(&group.params, &group.grads, geo, huge, big as f32, 1.0);
+            let what = format!("{:?}/{:?} {geo:?} sign {sign}", P::DTYPE, G::DTYPE);
+            assert_eq!(rep.status, S(overflow), "{what}");
+            assert!(rep.status.applied() && rep.status.overflow(), "{what}");
+            let inf = P::from_f64(sign * f64::INFINITY).to_bits_u32();
+            for written in [&theta, &working, &out] {
+                assert_eq!(written[1][3].to_bits_u32(), inf, "{what}");
+            }
+            for i in 0..group.params.len() {
+                let orig = bits(&group.params[i]);
+                assert_eq!(bits(&backups[i]), orig, "{what}: backup {i}");
+                // Restore brings θ back from the backup, infinities and all.
+                let mut t = vec![theta[i].clone()];
+                restore(&mut muts(&mut t), &[backups[i].as_slice()]).unwrap();
+                assert_eq!(bits(&t[0]), orig, "{what}: restore {i}");
+            }
+
+            // The same group with a small radius (the adaptive ε is about ρ·big):
+            // applied, no overflow.
+            let small = Radius::Fixed(1e-9);
+            let (rep, ..) = run_all(&group.params, &group.grads, geo, small, 0.0, 1.0);
+            assert_eq!(rep.status, S(S::APPLIED), "{what}: small ρ");
+        }
+    }
+    // An element that is already infinite is not an overflow (SAM: the norm
+    // does not read θ, so the step applies and θ + ε stays inf).
+    let mut group = Group::<P, G>::random(&mut rng, &[5, 9]);
+    group.params[0][2] = P::from_f64(f64::INFINITY);
+    group.grads[0] = Some(rand_vec(&mut rng, 5, 1e-2));
+    let (rep, theta, ..) = run_all(
+        &group.params,
+        &group.grads,
+        Geometry::Sam,
+        Radius::Fixed(0.05),
+        0.0,
+        1.0,
+    );
+    assert_eq!(rep.status, S(S::APPLIED));
+    assert_eq!(theta[0][2].to_f64(), f64::INFINITY);
+}
+
+#[test]
+fn overflow_to_inf_is_reported() {
+    check_overflow::<f32, f32>(f32::MAX as f64, 80);
+    check_overflow::<bf16, bf16>(3e38, 81);
+    check_overflow::<bf16, f32>(3e38, 82);
+    check_overflow::<f16, f16>(65504.0, 83);
 }

@@ -7,7 +7,7 @@
 mod common;
 mod multi_tensor;
 
-use multi_tensor::{Case, Dev, Layout, SIZES};
+use multi_tensor::{hashed, Case, Dev, Layout, SIZES};
 use rayon::prelude::*;
 use tram_kernels::cpu::grad_norm::{grad_norm as cpu_norm, NormOutput};
 use tram_kernels::cuda::grad_norm::{finish, grad_norm, NormOptions};
@@ -275,21 +275,6 @@ fn bad_options_are_errors() {
 }
 
 /// Fast reproducible values without a serial generator: a hash of the index.
-fn hashed(i: u64, seed: u64) -> f64 {
-    let mut z = i.wrapping_add(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    // Magnitudes over 2^-6..2^2 (never zero), both signs.
-    let u = (z >> 11) as f64 / (1u64 << 53) as f64;
-    let mag = 2f64.powf(-6.0 + 8.0 * u);
-    if z & 1 == 0 {
-        mag
-    } else {
-        -mag
-    }
-}
-
 #[test]
 fn large_groups_hold_the_bound_up_to_2_pow_28() {
     let gpu = gpu_or_skip!();
@@ -348,5 +333,86 @@ fn large_groups_hold_the_bound_up_to_2_pow_28() {
         assert_close(&st, &want, &format!("n = {n} {geo:?}"));
         let again = run(&gpu, &mut group, opts);
         assert_eq!(st.sum_sq.to_bits(), again.sum_sq.to_bits());
+    }
+}
+
+/// Gradients near 1e20 (and, for f16, scaled gradients near 1e20 through
+/// `inv_scale`): an f32 term overflows, but the norm is the finite one the CPU
+/// reference returns, in every geometry, with `found_inf` 0, bit-identical
+/// from run to run. Some tensors huge, the others ordinary, so that only some
+/// runs overflow.
+fn check_huge<P, G>(gpu: &CudaBackend, seed: u64, grad_scale: f64, inv_scale: f32, layout: Layout)
+where
+    P: Element + cudarc::driver::DeviceRepr,
+    G: Element + cudarc::driver::DeviceRepr,
+{
+    for geo in GEOMETRIES {
+        let mut case = Case::<P, G>::random(seed, &SIZES, grad_scale, true);
+        let ordinary = Case::<P, G>::random(seed + 1, &SIZES, 1e-2, true);
+        for i in [0, 3, 9] {
+            case.grad[i] = ordinary.grad[i].clone();
+        }
+        let dev = Dev::upload(gpu, &case);
+        let mut group = dev.group(gpu, layout, &case.has_grad);
+        let opts = NormOptions {
+            geometry: geo,
+            inv_scale,
+        };
+        let want = if layout == Layout::Master {
+            cpu_norm(&case.masters(), &case.grads(), geo, inv_scale).unwrap()
+        } else {
+            cpu_norm(&case.thetas(), &case.grads(), geo, inv_scale).unwrap()
+        };
+        let what = format!(
+            "huge {:?}/{:?} {geo:?} s={inv_scale} {layout:?}",
+            P::DTYPE,
+            G::DTYPE
+        );
+        // The test's premise: an f32 square of the largest scaled gradient overflows.
+        let max_g = case
+            .grads()
+            .iter()
+            .flatten()
+            .flat_map(|g| g.iter())
+            .fold(0.0f64, |m, x| m.max((x.to_f64() * inv_scale as f64).abs()));
+        assert!(((max_g * max_g) as f32).is_infinite(), "{what}: test data");
+        assert!(
+            want.norm.is_finite() && !want.found_inf,
+            "{what}: CPU {want:?}"
+        );
+        let first = run(gpu, &mut group, opts);
+        assert_close(&first, &want, &what);
+        let second = run(gpu, &mut group, opts);
+        assert_eq!(
+            bytemuck::bytes_of(&first),
+            bytemuck::bytes_of(&second),
+            "{what}: two runs differ"
+        );
+    }
+}
+
+#[test]
+fn huge_gradients_give_the_cpu_norm() {
+    let gpu = gpu_or_skip!();
+    check_huge::<f32, f32>(&gpu, 400, 1e20, 1.0, Layout::Plain);
+    check_huge::<bf16, bf16>(&gpu, 410, 1e20, 1.0, Layout::Plain);
+    check_huge::<bf16, f32>(&gpu, 420, 1e20, 1.0, Layout::Plain);
+    check_huge::<bf16, f32>(&gpu, 430, 1e20, 1.0, Layout::Master);
+    // f16 cannot hold 1e20: the inverse loss scale makes g' that large.
+    check_huge::<f16, f16>(&gpu, 440, 1e3, 1e17, Layout::Plain);
+    // An inf gradient among huge ones: found, and the norm is not finite.
+    let mut case = Case::<f32, f32>::random(450, &SIZES, 1e20, true);
+    case.grad[9][5] = f32::INFINITY;
+    assert!(case.has_grad[9]);
+    let dev = Dev::upload(&gpu, &case);
+    let mut group = dev.group(&gpu, Layout::Plain, &case.has_grad);
+    for geo in GEOMETRIES {
+        let opts = NormOptions {
+            geometry: geo,
+            inv_scale: 1.0,
+        };
+        let st = run(&gpu, &mut group, opts);
+        assert_eq!(st.found_inf, 1, "{geo:?}");
+        assert!(!st.sum_sq.is_finite(), "{geo:?}");
     }
 }

@@ -511,6 +511,41 @@ fn gradients_hold_at_small_gaps() {
     }
 }
 
+/// f32 logits far apart in magnitude, within the domain where the module docs
+/// state the bound (offsets up to 1e8 against logits ~ N(0, 9)): one side
+/// constant at the offset, the other spread around 0, in both roles, every
+/// direction, one and several blocks per row, loss and gradients.
+#[test]
+fn far_apart_logits_within_the_stated_domain() {
+    let gpu = gpu_or_skip!();
+    let mut ws = KlWorkspace::new(&gpu, 4).unwrap();
+    let mut rng = SmallRng::seed_from_u64(9100);
+    for offset in [1e6f32, 1e8, -1e8] {
+        for (rows, vocab) in [(2usize, 1_000usize), (2, 40_000)] {
+            let mut c = Case::<f32>::random(9100, rows, vocab, vocab, 0, 1.0, 0.0, 1.0);
+            for r in 0..rows {
+                for j in 0..vocab {
+                    let i = c.at(r, j);
+                    c.a[i] = offset;
+                    c.b[i] = (3.0 * normal(&mut rng)) as f32;
+                }
+            }
+            let flipped = Case {
+                a: c.b.clone(),
+                b: c.a.clone(),
+                ..c.clone()
+            };
+            for dir in DIRS {
+                let o = opts(dir, Reduction::Sum, 1.0);
+                for (case, roles) in [(&c, "far/near"), (&flipped, "near/far")] {
+                    let label = format!("offset {offset:e} V={vocab} {roles}");
+                    compare(&gpu, &mut ws, case, &o, Some(grad_spec(vocab)), &label);
+                }
+            }
+        }
+    }
+}
+
 /// Rows exercising the note's edge cases, one per row.
 fn edge_case<T: Element>(vocab: usize, seed: u64) -> Case<T> {
     let rows = 10;

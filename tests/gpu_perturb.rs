@@ -10,7 +10,7 @@ mod common;
 mod multi_tensor;
 
 use cudarc::driver::CudaSlice;
-use multi_tensor::{bits, poison, ulp, Case, Dev, Layout, SIZES};
+use multi_tensor::{bits, hashed, poison, ulp, Case, Dev, Layout, SIZES};
 use rayon::prelude::*;
 use tram_kernels::cpu::grad_norm::grad_norm as cpu_norm;
 use tram_kernels::cpu::perturb::{direction, plan, radius_value};
@@ -480,20 +480,6 @@ fn raw_pointer_group_matches_the_safe_one() {
     }
 }
 
-fn hashed(i: u64, seed: u64) -> f64 {
-    let mut z = i.wrapping_add(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    let u = (z >> 11) as f64 / (1u64 << 53) as f64;
-    let mag = 2f64.powf(-6.0 + 8.0 * u);
-    if z & 1 == 0 {
-        mag
-    } else {
-        -mag
-    }
-}
-
 #[test]
 fn a_tensor_beyond_2_pow_31_elements() {
     let gpu = gpu_or_skip!();
@@ -701,4 +687,144 @@ fn device_radius_matches_the_by_value_radius() {
             assert_eq!(bits(&dev.aux[i].read(gpu.stream())), bits(&by_value.aux[i]));
         }
     }
+}
+
+/// Gradients near 1e20 (for f16: scaled gradients, through `inv_scale`): the
+/// norm overflows f32 terms and the coefficients are tiny, yet every mode and
+/// geometry gives what the CPU reference gives, within the documented bound.
+fn check_huge<P, G>(gpu: &CudaBackend, seed: u64, grad_scale: f64, inv_scale: f32)
+where
+    P: Element + cudarc::driver::DeviceRepr,
+    G: Element + cudarc::driver::DeviceRepr,
+{
+    for mode in ALL_MODES {
+        for (k, geo) in GEOMETRIES.into_iter().enumerate() {
+            let mut case = Case::<P, G>::random(seed + k as u64, &SIZES, grad_scale, true);
+            // Some θ exactly 0, where θ + ε is ε itself and every digit shows.
+            for t in case.theta.iter_mut() {
+                for x in t.iter_mut().step_by(5) {
+                    *x = P::from_f64(0.0);
+                }
+            }
+            for m in case.master.iter_mut() {
+                m.iter_mut().step_by(5).for_each(|x| *x = 0.0);
+            }
+            // A usual radius, and a tiny one whose coefficient ρ/N is below
+            // f32's normal range (SAM then works in f64; for f16/bf16 the
+            // adaptive f32 coefficient keeps more digits than their outputs).
+            for (radius, d) in [
+                (Radius::TrustRegion { delta: 0.5 }, 0.3f32),
+                (Radius::Fixed(1e-20), f32::NAN),
+            ] {
+                let opts = PerturbOptions {
+                    geometry: geo,
+                    radius,
+                    inv_scale,
+                    mode,
+                };
+                let out = run_mode(gpu, &case, opts, d);
+                check_applied(&case, opts, d, &out);
+            }
+        }
+    }
+}
+
+#[test]
+fn huge_gradients_perturb_as_the_cpu() {
+    let gpu = gpu_or_skip!();
+    check_huge::<f32, f32>(&gpu, 6000, 1e20, 1.0);
+    check_huge::<bf16, bf16>(&gpu, 6100, 1e20, 1.0);
+    check_huge::<bf16, f32>(&gpu, 6200, 1e20, 1.0);
+    check_huge::<f16, f16>(&gpu, 6300, 1e3, 1e17);
+}
+
+/// θ + ε that overflows the parameter type (θ = f32::MAX, bf16 3e38, f16
+/// 65504, pushed outward) reports OVERFLOW with APPLIED, as the CPU reference
+/// does, in every mode and geometry; restore still gives θ back bit for bit
+/// (checked by `run_mode`), and a small radius on the same group does not.
+fn check_overflow<P, G>(gpu: &CudaBackend, seed: u64, big: f64)
+where
+    P: Element + cudarc::driver::DeviceRepr,
+    G: Element + cudarc::driver::DeviceRepr,
+{
+    use tram_kernels::cpu::perturb as cpu;
+    for mode in ALL_MODES {
+        for geo in GEOMETRIES {
+            for sign in [1.0, -1.0] {
+                let mut case = Case::<P, G>::random(seed, &SIZES[..8], 1e-3, false);
+                case.theta[3][3] = P::from_f64(sign * big);
+                case.master[3][3] = (sign * big) as f32;
+                case.grad[3][3] = G::from_f64(sign);
+                let what = format!("{:?}/{:?} {mode:?} {geo:?} sign {sign}", P::DTYPE, G::DTYPE);
+                for (radius, d, overflows) in [
+                    (Radius::TrustRegion { delta: 2.0 }, big as f32, true),
+                    (Radius::Fixed(1e-9), f32::NAN, false),
+                ] {
+                    let opts = PerturbOptions {
+                        geometry: geo,
+                        radius,
+                        inv_scale: 1.0,
+                        mode,
+                    };
+                    let out = run_mode(gpu, &case, opts, d);
+                    // The CPU reference on the same inputs and path.
+                    let grads = case.grads();
+                    let mut cpu_out: Vec<Vec<P>> = case
+                        .theta
+                        .iter()
+                        .map(|t| vec![P::default(); t.len()])
+                        .collect();
+                    let mut outs: Vec<&mut [P]> =
+                        cpu_out.iter_mut().map(|v| v.as_mut_slice()).collect();
+                    let rep = match mode {
+                        PerturbMode::Master => cpu::perturb_master(
+                            &case.masters(),
+                            &grads,
+                            &mut outs,
+                            geo,
+                            radius,
+                            d,
+                            1.0,
+                        ),
+                        _ => cpu::perturb_out_of_place(
+                            &case.thetas(),
+                            &grads,
+                            &mut outs,
+                            geo,
+                            radius,
+                            d,
+                            1.0,
+                        ),
+                    }
+                    .unwrap();
+                    let want = PerturbStatus(
+                        PerturbStatus::APPLIED
+                            | if overflows {
+                                PerturbStatus::OVERFLOW
+                            } else {
+                                0
+                            },
+                    );
+                    assert_eq!(rep.status, want, "{what}: CPU");
+                    assert_eq!(out.state.perturb_status(), want, "{what}: GPU");
+                    if overflows {
+                        let written = match mode {
+                            PerturbMode::OutOfPlace => &out.aux[3][3],
+                            _ => &out.theta[3][3],
+                        };
+                        assert_eq!(written.to_f64(), sign * f64::INFINITY, "{what}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn overflow_to_inf_is_reported_as_on_the_cpu() {
+    let gpu = gpu_or_skip!();
+    check_overflow::<f32, f32>(&gpu, 6400, f32::MAX as f64);
+    check_overflow::<bf16, bf16>(&gpu, 6500, 3e38);
+    check_overflow::<bf16, f32>(&gpu, 6600, 3e38);
+    check_overflow::<f16, f16>(&gpu, 6700, 65504.0);
 }

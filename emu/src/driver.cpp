@@ -232,12 +232,14 @@ std::unordered_set<Exec*> g_execs;
 std::unordered_set<Capture*> g_captures;
 std::map<CUdeviceptr, Alloc> g_allocs;
 uint64_t g_used = 0;
+#if !defined(TRAM_EMU_ASAN)
 std::deque<std::pair<void*, size_t>> g_quarantine;
+size_t g_quarantine_bytes = 0;
+#endif
 // Destroyed streams and contexts are kept, emptied: another thread may still
 // be flushing a stream it looked up before the destruction.
 std::vector<std::unique_ptr<Stream>> g_dead_streams;
 std::vector<std::unique_ptr<Ctx>> g_dead_ctxs;
-size_t g_quarantine_bytes = 0;
 thread_local Ctx* tl_ctx = nullptr;
 thread_local Stream* tl_per_thread = nullptr;  // never freed: events may name it
 
@@ -257,16 +259,6 @@ KernelLibs* g_kernels = nullptr;
 double now_ms() {
     using namespace std::chrono;
     return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
-}
-
-void note(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-void note(const char* fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("tram-emu: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
 }
 
 // ---------------------------------------------------------------------------
@@ -490,12 +482,10 @@ CUresult check_unsafe_call() {
 
 void flush(Stream* s, uint64_t upto);
 
-void run_launch(const Launch& l) { execute(l); }
-
 void run_op(Stream* s, Op& op) {
     switch (op.kind) {
         case Op::Kernel:
-            run_launch(op.launch);
+            execute(op.launch);
             break;
         case Op::Memset:
             device_memset(op.dst, op.value, op.bytes);
@@ -1225,21 +1215,27 @@ API CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, CUstream 
     return submit(s, std::move(op));
 }
 
-// Rule C11: a copy to or from pageable host memory cannot be captured (the
-// driver stages it at the call); every host pointer here is pageable.
+// The checks of a copy between host and device memory, under the lock.
+// Rule C11: it cannot be captured (the driver stages a pageable copy at the
+// call); every host pointer here is pageable.
+static CUresult host_copy_checks(CUstream hs, Stream** s, const void* host, CUdeviceptr dev, size_t n) {
+    CUresult r = resolve(hs, s);
+    if (r) return r;
+    if (n && !host) return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_range(dev, n)) return CUDA_ERROR_INVALID_VALUE;
+    if (legacy_conflict(*s)) return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
+    if ((*s)->capture) {
+        invalidate((*s)->capture);
+        return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    }
+    return CUDA_SUCCESS;
+}
+
 API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream hs) {
     CHECK_INIT;
     LOCK;
     Stream* s;
-    CUresult r = resolve(hs, &s);
-    if (r) return r;
-    if (n && !src) return CUDA_ERROR_INVALID_VALUE;
-    if (!valid_range(dst, n)) return CUDA_ERROR_INVALID_VALUE;
-    if (legacy_conflict(s)) return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
-    if (s->capture) {
-        invalidate(s->capture);
-        return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
-    }
+    if (CUresult r = host_copy_checks(hs, &s, src, dst, n)) return r;
     if (n == 0) return CUDA_SUCCESS;
     // Pageable source: staged now, so the caller may reuse it at once.
     Op op{};
@@ -1255,23 +1251,14 @@ API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream
     Stream* s;
     {
         LOCK;
-        CUresult r = resolve(hs, &s);
-        if (r) return r;
-        if (n && !dst) return CUDA_ERROR_INVALID_VALUE;
-        if (!valid_range(src, n)) return CUDA_ERROR_INVALID_VALUE;
-        if (legacy_conflict(s)) return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
-        if (s->capture) {
-            invalidate(s->capture);
-            return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
-        }
+        if (CUresult r = host_copy_checks(hs, &s, dst, src, n)) return r;
         if (n == 0) return CUDA_SUCCESS;
         Op op{};
         op.kind = Op::DtoH;
         op.src = src;
         op.bytes = n;
         op.host = dst;
-        r = submit(s, std::move(op));
-        if (r) return r;
+        if (CUresult r = submit(s, std::move(op))) return r;
     }
     // Pageable destination: the copy has completed when the call returns.
     flush_all(s);
@@ -1424,6 +1411,11 @@ API CUresult cuModuleUnload(CUmodule h) {
     LOCK;
     Module* m = reinterpret_cast<Module*>(h);
     if (!g_modules.count(m)) return CUDA_ERROR_INVALID_HANDLE;
+    // Deferred launches of its kernels run first.
+    if (settings().deferred) {
+        for (Stream* s : m->ctx->streams) flush_all(s);
+        flush_all(m->ctx->legacy.get());
+    }
     for (auto& f : m->funcs) g_funcs.erase(f.get());
     m->ctx->modules.erase(m);
     g_modules.erase(m);

@@ -47,7 +47,9 @@
 
 namespace bc = boost::context::detail;
 
-extern "C" __attribute__((visibility("default"))) int tram_emu_watch_hinted = 0;
+extern "C" {
+__attribute__((visibility("default"))) int tram_emu_watch_hinted = 0;
+}
 
 namespace emu {
 
@@ -118,14 +120,25 @@ const Settings& settings() {
     return s;
 }
 
-void die(const char* fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
+static void vnote(const char* fmt, va_list ap) {
     fputs("tram-emu: ", stderr);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
-    va_end(ap);
     fflush(stderr);
+}
+
+void note(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vnote(fmt, ap);
+    va_end(ap);
+}
+
+void die(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vnote(fmt, ap);
+    va_end(ap);
     abort();
 }
 

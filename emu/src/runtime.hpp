@@ -36,7 +36,6 @@ struct Kernel {
     int registers = -1;           // from ptxas for sm_90 (-1: unknown)
     int static_smem = 0;
     std::vector<unsigned> param_sizes;  // from the PTX
-    size_t param_bytes = 0;
 };
 
 struct Dim {
@@ -62,7 +61,9 @@ void execute(const Launch& launch);
 // address of one of its functions; returns its index.
 unsigned register_library(const tram_emu_library* lib, const void* any_symbol);
 
-// Stops the process with a message (no CUDA thread context).
+// A line on stderr, "tram-emu: " first.
+void note(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+// The same, then stops the process (no CUDA thread context).
 [[noreturn]] void die(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
 // A byte pattern that reads as NaN in f16, bf16, f32 and f64, and as a huge

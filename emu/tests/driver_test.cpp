@@ -706,6 +706,7 @@ void kernel_errors_stop_the_process() {
     } cases[] = {
         {"emutest_barrier_after_exit", "__syncthreads() reached after 1 threads of the block exited"},
         {"emutest_divergent_barrier", "threads of one block wait at different __syncthreads()"},
+        {"emutest_deadlock", "deadlock in kernel emutest_deadlock"},
         {"emutest_shuffle_exited", "lane 5"},
         {"emutest_misaligned_cg", "misaligned 16-byte access"},
         {"emutest_misaligned", "misaligned address"},
@@ -715,7 +716,7 @@ void kernel_errors_stop_the_process() {
         Outcome o = spawn(std::string("kernel:") + c.kernel, {"TRAM_EMU_SCHEDULE=in-order"});
         const bool named = o.err.find(std::string("in kernel ") + c.kernel) != std::string::npos &&
                            o.err.find("block (0,0,0)") != std::string::npos &&
-                           o.err.find("thread (") != std::string::npos;
+                           o.err.find("thread") != std::string::npos;
         if (!stopped(o) || o.err.find(c.says) == std::string::npos || !named)
             fail("%s: expected an abort saying \"%s\" and naming the kernel, block and thread; got "
                  "status %d, stderr:\n%s",

@@ -8,13 +8,29 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use crate::dtype::{round_to_odd_f32, DType, Element};
+use crate::error::{ensure, Result};
 
 /// `src` widened to f32 (exact for every element type). For f32 this is `src`
-/// itself; otherwise the values are written to `buf` (at least `src.len()` long).
+/// itself; otherwise the values are written to `buf`.
+///
+/// Errors (`InvalidArgument`): `buf` shorter than `src`.
 #[inline(always)]
-pub fn widen<'a, T: Element>(src: &'a [T], buf: &'a mut [f32]) -> &'a [f32] {
-    let n = src.len();
-    let dst = &mut buf[..n];
+pub fn widen<'a, T: Element>(src: &'a [T], buf: &'a mut [f32]) -> Result<&'a [f32]> {
+    ensure!(
+        buf.len() >= src.len(),
+        "widen: a buffer of {} for {} elements",
+        buf.len(),
+        src.len()
+    );
+    Ok(widen_into(src, buf))
+}
+
+/// [`widen`] for the reference's own loops, whose buffers are sized by
+/// construction: converts the first `min(src.len(), buf.len())` elements.
+#[inline(always)]
+pub(crate) fn widen_into<'a, T: Element>(src: &'a [T], buf: &'a mut [f32]) -> &'a [f32] {
+    let n = src.len().min(buf.len());
+    let (src, dst) = (&src[..n], &mut buf[..n]);
     match T::DTYPE {
         DType::F32 => {
             if let Ok(s) = bytemuck::try_cast_slice::<T, f32>(src) {
@@ -46,10 +62,29 @@ pub fn widen<'a, T: Element>(src: &'a [T], buf: &'a mut [f32]) -> &'a [f32] {
 }
 
 /// `dst[k] = T::from_f64(src[k])`, bit for bit, rounding once to nearest even.
-/// `scratch` must be at least `src.len()` long (used for f16).
+/// `scratch` speeds up f16 when it is at least `src.len()` long; shorter (or
+/// empty) it is not used, with the same result.
+///
+/// Errors (`InvalidArgument`): `dst` and `src` of different lengths (nothing
+/// is written then).
 #[inline(always)]
-pub fn narrow<T: Element>(src: &[f64], dst: &mut [T], scratch: &mut [f32]) {
-    debug_assert_eq!(src.len(), dst.len());
+pub fn narrow<T: Element>(src: &[f64], dst: &mut [T], scratch: &mut [f32]) -> Result<()> {
+    ensure!(
+        dst.len() == src.len(),
+        "narrow: {} values into {} elements",
+        src.len(),
+        dst.len()
+    );
+    narrow_into(src, dst, scratch);
+    Ok(())
+}
+
+/// [`narrow`] for the reference's own loops, whose buffers are sized by
+/// construction: converts the first `min(src.len(), dst.len())` values.
+#[inline(always)]
+pub(crate) fn narrow_into<T: Element>(src: &[f64], dst: &mut [T], scratch: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let (src, dst) = (&src[..n], &mut dst[..n]);
     match T::DTYPE {
         DType::F32 => {
             if let Ok(d) = bytemuck::try_cast_slice_mut::<T, f32>(dst) {
@@ -80,23 +115,25 @@ pub fn narrow<T: Element>(src: &[f64], dst: &mut [T], scratch: &mut [f32]) {
             }
         }
         DType::F16 => {
-            if let Ok(d) = bytemuck::try_cast_slice_mut::<T, f16>(dst) {
-                let s = &mut scratch[..src.len()];
-                let mut any_nan = false;
-                for (o, &x) in s.iter_mut().zip(src) {
-                    *o = round_to_odd_f32(x);
-                    any_nan |= x.is_nan();
-                }
-                // F16C when the CPU has it (runtime detection in `half`).
-                d.convert_from_f32_slice(s);
-                if any_nan {
-                    for (d, &x) in d.iter_mut().zip(src) {
-                        if x.is_nan() {
-                            *d = f16::from_f64(x);
+            if scratch.len() >= n {
+                if let Ok(d) = bytemuck::try_cast_slice_mut::<T, f16>(dst) {
+                    let s = &mut scratch[..n];
+                    let mut any_nan = false;
+                    for (o, &x) in s.iter_mut().zip(src) {
+                        *o = round_to_odd_f32(x);
+                        any_nan |= x.is_nan();
+                    }
+                    // F16C when the CPU has it (runtime detection in `half`).
+                    d.convert_from_f32_slice(s);
+                    if any_nan {
+                        for (d, &x) in d.iter_mut().zip(src) {
+                            if x.is_nan() {
+                                *d = f16::from_f64(x);
+                            }
                         }
                     }
+                    return;
                 }
-                return;
             }
         }
     }

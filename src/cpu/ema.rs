@@ -4,7 +4,8 @@
 //! (rounded to the target's type). Otherwise each element is evaluated in f64
 //! as `λ·θ̄ + (1−λ)·θ` (two products and a sum, no fused multiply-add), rounded
 //! to f32 and then to the target type; `kernels/ema.cu` performs the same
-//! operations, so both backends store identical bits.
+//! operations, so both backends store identical bits for finite values (a NaN result is NaN on both, but a GPU writes the canonical NaN where the CPU keeps an input's payload;
+//! tests/nan_inputs.rs).
 //!
 //! Error bound against the exact value: half an ulp of f32 plus 2⁻⁵² relative
 //! to the terms (f32 targets); a bf16/f16 target adds half an ulp of its type.

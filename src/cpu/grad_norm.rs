@@ -32,7 +32,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::convert::widen;
+use super::convert::widen_into;
 use crate::config::Geometry;
 use crate::dtype::Element;
 use crate::error::{ensure, Result};
@@ -169,21 +169,21 @@ fn chunk_partial<P: Element, G: Element>(
     match geometry {
         Geometry::Sam => {
             for gb in grad.chunks(BLOCK) {
-                let g = widen(gb, &mut gbuf);
+                let g = widen_into(gb, &mut gbuf);
                 total += block_sum(g, g, |g, _| sam_term(s * g as f64));
             }
         }
         Geometry::Fisher { eta } => {
             let eta = eta as f64;
             for gb in grad.chunks(BLOCK) {
-                let g = widen(gb, &mut gbuf);
+                let g = widen_into(gb, &mut gbuf);
                 total += block_sum(g, g, |g, _| fisher_term(s * g as f64, eta));
             }
         }
         Geometry::Adaptive { eta } => {
             let eta = eta as f64;
             for (tb, gb) in theta.chunks(BLOCK).zip(grad.chunks(BLOCK)) {
-                let (t, g) = (widen(tb, &mut tbuf), widen(gb, &mut gbuf));
+                let (t, g) = (widen_into(tb, &mut tbuf), widen_into(gb, &mut gbuf));
                 total += block_sum(t, g, |t, g| adaptive_term(t as f64, s * g as f64, eta));
             }
         }

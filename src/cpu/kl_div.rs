@@ -13,9 +13,12 @@
 //! ```
 //!
 //! all in f64. A row is cut into chunks of [`CHUNK`] elements; each chunk is a
-//! partial (S, A, B) centred on its own P-mean of d (one refinement step), with
-//! x formed from the exact difference `a − b` (exact in f64 for f32/f16/bf16
-//! inputs, so an offset between the logit sets costs nothing). φ comes from its
+//! partial (S, A, B) centred on its own P-mean of d (one refinement step). The
+//! difference `a − b` is carried exactly, as an unevaluated pair (its f64
+//! rounding and that rounding's error, by two-sum: a single f64 is exact only
+//! while the two logits' exponents are within ~29 of each other for f32), and so
+//! is the reference c; x = d − c is then formed to within an ulp of x, so an
+//! offset between the logit sets costs nothing at any magnitude. φ comes from its
 //! series for |x| ≤ 0.5 and from `exp(la − x) − w + w·x` beyond (one exponent: a
 //! negligible w facing a huge e^{−x} is never 0·∞). Partials merge like an online
 //! softmax, moving to the combined P-mean; since A ≈ 0 in every partial, a move only
@@ -24,7 +27,8 @@
 //! A final re-centre on α makes KL = α + log1p(β − α) ≈ log1p(β) to full relative
 //! precision. Rows whose centred sums overflow (logit sets disagreeing by more than
 //! the exponent range, so KL ≳ 700) fall back to the classical
-//! `α + (c − max a + max b)/τ + ln S_b − ln S`, exact enough at that size.
+//! `α + (c − max a + max b)/τ + ln S_b − ln S` (the first sum compensated),
+//! exact enough at that size.
 //!
 //! An element with a = −∞ but finite b has no P mass but does carry Q mass: it adds
 //! exp((b − max a)/τ + c/τ) to B rather than being skipped (a = [0, −∞] against
@@ -39,13 +43,17 @@
 //! non-negative terms over 8 interleaved accumulators ≤ (CHUNK/8 + 3)ε; each merge
 //! level a few ε (≤ 9 levels at V = 250,002); A enters only at second order
 //! (∂KL/∂α = β − α ≈ 0 once centred). That is ≲ 150ε ≈ 3e-14, stated as 1e-12.
-//! Overflow-fallback rows (KL ≳ 700) err by about ε·(|c| + |max a| + |max b|)/τ
-//! absolute: within the same relative bound while those are below ~3e6.
+//! The bound holds for all finite inputs, whatever their magnitudes (logits 1e16
+//! or 3e38 against logits near 0 included): the differences and references are
+//! exact pairs, and every sum of raw logits is compensated.
+//! Overflow-fallback rows (KL ≳ 700) err by a few ε relative.
 //! Gradients: |g_i − g*_i| ≤ 1e-12·(max_row |g*| + |g*_i|).
 //! `tests/cpu_kl_div.rs` checks both against an independent compensated two-pass
 //! oracle (σ = 1, 3, 30; gaps 1 … 1e-5; offsets; f32/f16/bf16; V = 1 … 250,002;
-//! worst seen 2e-14 for the value and for the gradient ratio) and against the
-//! textbook formula evaluated in double-double (V ≤ 300; worst 5e-16).
+//! worst seen 2e-14 for the value and for the gradient ratio), against the
+//! textbook formula evaluated in double-double (V ≤ 300; worst 1.2e-15), and on
+//! rows 35 or more binades apart (offsets 1e10 to 3e38, f32, bf16 and f16)
+//! against the oracle on the exactly shifted rows.
 //!
 //! # Edge cases (per row, per direction; for reverse swap the roles of a and b)
 //! - a_i = −∞: no P mass; b_i still counts in Q's normaliser.
@@ -57,7 +65,7 @@
 //! Gradient entries of an unmasked row whose KL is not finite are NaN (both
 //! matrices, every entry of the row); masked rows always get exact zeros.
 
-use super::convert::widen;
+use super::convert::widen_into;
 use super::math;
 use crate::config::{KlDirection, KlOptions, Reduction};
 use crate::dtype::Element;
@@ -345,14 +353,44 @@ fn w_phi(w: f64, la: f64, x: f64) -> f64 {
 /// |x| up to which φ is taken from its series.
 const PHI_SERIES_MAX: f64 = 0.5;
 
+/// `a + b` as an unevaluated pair `(s, e)`: `s = fl(a + b)` and `s + e = a + b`
+/// exactly (Knuth's two-sum; no branch, for any finite a and b).
+#[inline(always)]
+fn two_sum(a: f64, b: f64) -> (f64, f64) {
+    let s = a + b;
+    let bb = s - a;
+    (s, (a - (s - bb)) + (b - bb))
+}
+
+/// `(dh + dl) − (ch + cl)` to within about an ulp of the result, for a
+/// difference d and a reference c held as two-sum pairs: `dh − ch` is exact
+/// where they are close (Sterbenz) and the result's size otherwise, and the
+/// low parts are subtracted exactly.
+#[inline(always)]
+fn centred(dh: f64, dl: f64, ch: f64, cl: f64) -> f64 {
+    let t = dh - ch;
+    let (u, ue) = two_sum(dl, -cl);
+    (t + u) + ue
+}
+
+/// `a + b + c + d`, compensated: about one rounding of the result, however
+/// large the terms that cancel (raw logits, references).
+#[inline(always)]
+fn sum4(a: f64, b: f64, c: f64, d: f64) -> f64 {
+    let (s1, e1) = two_sum(a, b);
+    let (s2, e2) = two_sum(s1, c);
+    s2 + ((e1 + e2) + d)
+}
+
 /// Mergeable sums of one chunk (or a merged run of chunks) of one direction:
 /// `x` plays P's logits, `y` Q's.
 #[derive(Clone, Copy, Debug)]
 struct Partial {
     /// max of the finite x (raw units); −∞ when there is none.
     m: f64,
-    /// Reference for d = x − y, raw units.
+    /// Reference for d = x − y, raw units, as the pair c + cl.
     c: f64,
+    cl: f64,
     s: f64,
     a: f64,
     b: f64,
@@ -369,6 +407,7 @@ impl Partial {
     const EMPTY: Partial = Partial {
         m: f64::NEG_INFINITY,
         c: 0.0,
+        cl: 0.0,
         s: 0.0,
         a: 0.0,
         b: 0.0,
@@ -440,16 +479,19 @@ fn merge(p: Partial, q: Partial, scale: f64) -> Partial {
         let s_lo = ln_f.exp() * lo.s;
         let total = hi.s + s_lo;
         // The combined P-mean of d keeps A ≈ 0 after the merge.
-        let c = if total > 0.0 {
-            hi.c + (s_lo / total) * (lo.c - hi.c)
+        let (c, cl) = if total > 0.0 {
+            let diff = (lo.c - hi.c) + (lo.cl - hi.cl);
+            two_sum(hi.c, hi.cl + (s_lo / total) * diff)
         } else {
-            hi.c
+            (hi.c, hi.cl)
         };
-        let (s1, a1, b1) = moved(&hi, 0.0, (c - hi.c) * scale);
-        let (s2, a2, b2) = moved(&lo, ln_f, (c - lo.c) * scale);
+        let shift = |p: &Partial| ((c - p.c) + (cl - p.cl)) * scale;
+        let (s1, a1, b1) = moved(&hi, 0.0, shift(&hi));
+        let (s2, a2, b2) = moved(&lo, ln_f, shift(&lo));
         Partial {
             m: hi.m,
             c,
+            cl,
             s: s1 + s2,
             a: a1 + a2,
             b: b1 + b2,
@@ -469,7 +511,9 @@ struct Scratch {
     xf: [f32; CHUNK],
     yf: [f32; CHUNK],
     xv: [f64; CHUNK],
+    /// d = x − y as the pair dv + lv.
     dv: [f64; CHUNK],
+    lv: [f64; CHUNK],
     wv: [f64; CHUNK],
     tv: [f64; CHUNK],
 }
@@ -481,6 +525,7 @@ impl Scratch {
             yf: [0.0; CHUNK],
             xv: [0.0; CHUNK],
             dv: [0.0; CHUNK],
+            lv: [0.0; CHUNK],
             wv: [0.0; CHUNK],
             tv: [0.0; CHUNK],
         })
@@ -497,44 +542,55 @@ impl Scratch {
 fn chunk_partial<T: Element>(xs: &[T], ys: &[T], scale: f64, sc: &mut Scratch) -> Partial {
     let n = xs.len();
     debug_assert!(n <= CHUNK && ys.len() == n);
-    let xf = widen(xs, &mut sc.xf);
-    let yf = widen(ys, &mut sc.yf);
-    let (xv, dv, wv, tv) = (
+    let xf = widen_into(xs, &mut sc.xf);
+    let yf = widen_into(ys, &mut sc.yf);
+    let (xv, dv, lv, wv, tv) = (
         &mut sc.xv[..n],
         &mut sc.dv[..n],
+        &mut sc.lv[..n],
         &mut sc.wv[..n],
         &mut sc.tv[..n],
     );
-    for i in 0..n {
-        let x = xf[i] as f64;
-        xv[i] = x;
-        // Exact for f32/f16/bf16 inputs unless their exponents differ by > 29,
-        // where the rounding is below ε·|d| anyway.
-        dv[i] = x - yf[i] as f64;
+    let (finite, exact) = differences(xf, yf, xv, dv);
+    if !exact || !finite {
+        low_parts(xv, yf, lv);
     }
-    // d·0 is 0 exactly when x and y are both finite, NaN otherwise.
-    if !all_finite(dv) {
-        return chunk_partial_special(xv, dv, ys, scale);
+    if !finite {
+        return chunk_partial_special(xv, dv, lv, ys, scale);
     }
     let m = max_of(xv);
     for i in 0..n {
         wv[i] = math::exp((xv[i] - m) * scale);
     }
     let s = sum(wv);
-    for i in 0..n {
-        tv[i] = wv[i] * dv[i];
-    }
-    let c0 = sum(tv) / s;
-    // One correction step: the reference lands on the mean to within a rounding
-    // of |c|, and a constant d gives x = 0 exactly.
-    for i in 0..n {
-        tv[i] = wv[i] * (dv[i] - c0);
-    }
-    let c = c0 + sum(tv) / s;
-    for i in 0..n {
-        let x = (dv[i] - c) * scale;
-        dv[i] = x;
-        tv[i] = wv[i] * x;
+    // The reference: first d's rounding at the heaviest element (so dv − c0 is
+    // exact, and 0 wherever d rounds alike), then the P-mean of d − c0; kept
+    // as the pair c + cl, it lands on the mean of d to within a rounding of
+    // the spread of d, whatever |d|, and a constant d gives x = 0.
+    let c0 = dv[xv.iter().position(|&x| x == m).unwrap_or(0)];
+    let (c, cl);
+    if exact {
+        // Every d exact in one f64 (the common case): dv − c is exact near c,
+        // so one more subtraction gives x to within an ulp.
+        for i in 0..n {
+            tv[i] = wv[i] * (dv[i] - c0);
+        }
+        (c, cl) = two_sum(c0, sum(tv) / s);
+        for i in 0..n {
+            let x = ((dv[i] - c) - cl) * scale;
+            dv[i] = x;
+            tv[i] = wv[i] * x;
+        }
+    } else {
+        for i in 0..n {
+            tv[i] = wv[i] * ((dv[i] - c0) + lv[i]);
+        }
+        (c, cl) = two_sum(c0, sum(tv) / s);
+        for i in 0..n {
+            let x = centred(dv[i], lv[i], c, cl) * scale;
+            dv[i] = x;
+            tv[i] = wv[i] * x;
+        }
     }
     let a = sum(tv);
     if max_abs_of(dv) <= PHI_SERIES_MAX {
@@ -550,6 +606,7 @@ fn chunk_partial<T: Element>(xs: &[T], ys: &[T], scale: f64, sc: &mut Scratch) -
     Partial {
         m,
         c,
+        cl,
         s,
         a,
         b,
@@ -557,20 +614,49 @@ fn chunk_partial<T: Element>(xs: &[T], ys: &[T], scale: f64, sc: &mut Scratch) -
     }
 }
 
-/// Whether every d = x − y is finite (then x and y are), in eight lanes.
+/// `xv ← x`, `dv ← fl(x − y)` (in f64), and whether every d is finite (then x
+/// and y are: d·0 is 0 exactly for finite d, NaN otherwise) and exact in one
+/// f64 (true unless the exponents of some x and y lie more than ~29 binades
+/// apart, for f32); eight lanes, one pass.
 #[inline(always)]
-fn all_finite(d: &[f64]) -> bool {
+fn differences(xf: &[f32], yf: &[f32], xv: &mut [f64], dv: &mut [f64]) -> (bool, bool) {
+    for (((xo, d), &x), &y) in xv.iter_mut().zip(dv.iter_mut()).zip(xf).zip(yf) {
+        *xo = x as f64;
+        *d = x as f64 - y as f64;
+    }
+    // d·0 + |e| per element, with e the rounding error of d (two-sum's second
+    // half): NaN where d is not finite, else 0 exactly when d is exact.
     let mut acc = [0.0f64; 8];
-    let mut it = d.chunks_exact(8);
-    for c in &mut it {
+    let lane = |x: f64, y: f32, d: f64| {
+        let bb = d - x;
+        d * 0.0 + ((x - (d - bb)) + (-(y as f64) - bb)).abs()
+    };
+    let mut xi = xv.chunks_exact(8);
+    let mut yi = yf.chunks_exact(8);
+    let mut di = dv.chunks_exact(8);
+    for ((x8, y8), d8) in (&mut xi).zip(&mut yi).zip(&mut di) {
         for j in 0..8 {
-            acc[j] += c[j] * 0.0;
+            acc[j] += lane(x8[j], y8[j], d8[j]);
         }
     }
-    for (j, &x) in it.remainder().iter().enumerate() {
-        acc[j] += x * 0.0;
+    let tail = xi
+        .remainder()
+        .iter()
+        .zip(yi.remainder())
+        .zip(di.remainder());
+    for (j, ((&x, &y), &d)) in tail.enumerate() {
+        acc[j] += lane(x, y, d);
     }
-    acc.iter().sum::<f64>() == 0.0
+    let total = acc.iter().sum::<f64>();
+    (total.is_finite(), total == 0.0)
+}
+
+/// `lv ← x − y − fl(x − y)`, the exact low parts of the differences (where
+/// [`differences`] found some non-zero).
+fn low_parts(xv: &[f64], yf: &[f32], lv: &mut [f64]) {
+    for ((l, &x), &y) in lv.iter_mut().zip(xv).zip(yf) {
+        *l = two_sum(x, -(y as f64)).1;
+    }
 }
 
 /// max over v (NaN-free here), in eight lanes; −∞ for an empty slice.
@@ -621,7 +707,13 @@ fn sum(v: &[f64]) -> f64 {
 }
 
 /// The slow path of a chunk holding some non-finite value.
-fn chunk_partial_special<T: Element>(xv: &[f64], dv: &[f64], ys: &[T], scale: f64) -> Partial {
+fn chunk_partial_special<T: Element>(
+    xv: &[f64],
+    dv: &[f64],
+    lv: &[f64],
+    ys: &[T],
+    scale: f64,
+) -> Partial {
     let mut p = Partial::EMPTY;
     // Elements with x and y finite take part in S, A, B.
     let normal = |i: usize| xv[i].is_finite() && ys[i].to_f64().is_finite();
@@ -644,28 +736,31 @@ fn chunk_partial_special<T: Element>(xv: &[f64], dv: &[f64], ys: &[T], scale: f6
     if !p.has_mass() {
         return p;
     }
-    let (mut s, mut sd) = (0.0, 0.0);
+    let mut s = 0.0;
     for i in (0..xv.len()).filter(|&i| normal(i)) {
-        let w = math::exp((xv[i] - p.m) * scale);
-        s += w;
-        sd += w * dv[i];
+        s += math::exp((xv[i] - p.m) * scale);
     }
     if s > 0.0 {
-        let mut c = sd / s;
+        // As in `chunk_partial`: d at the heaviest element, then the P-mean.
+        let top = (0..xv.len())
+            .filter(|&i| normal(i))
+            .max_by(|&i, &j| xv[i].total_cmp(&xv[j]).then(j.cmp(&i)));
+        let c0 = top.map_or(0.0, |i| dv[i]);
         let r: f64 = (0..xv.len())
             .filter(|&i| normal(i))
-            .map(|i| math::exp((xv[i] - p.m) * scale) * (dv[i] - c))
+            .map(|i| math::exp((xv[i] - p.m) * scale) * ((dv[i] - c0) + lv[i]))
             .sum();
-        c += r / s;
+        let (c, cl) = two_sum(c0, r / s);
         let (mut a, mut b) = (0.0, 0.0);
         for i in (0..xv.len()).filter(|&i| normal(i)) {
             let la = (xv[i] - p.m) * scale;
             let w = math::exp(la);
-            let x = (dv[i] - c) * scale;
+            let x = centred(dv[i], lv[i], c, cl) * scale;
             a += w * x;
             b += w_phi(w, la, x);
         }
         p.c = c;
+        p.cl = cl;
         p.s = s;
         p.a = a;
         p.b = b;
@@ -720,9 +815,10 @@ struct Frame {
     /// max of x (raw) and ln S: log p_i = (x_i − m)/τ − ln_s.
     m: f64,
     ln_s: f64,
-    /// Reference (raw) and α = Σ p·x in that frame (x = (d − c)/τ), so that
-    /// log p_i − log q_i = (x_i − α) + KL.
+    /// Reference (raw, the pair c + cl) and α = Σ p·x in that frame
+    /// (x = (d − c)/τ), so that log p_i − log q_i = (x_i − α) + KL.
     c: f64,
+    cl: f64,
     alpha: f64,
     /// KL before clamping at 0.
     kl_raw: f64,
@@ -734,6 +830,7 @@ impl Frame {
         m: f64::NAN,
         ln_s: f64::NAN,
         c: f64::NAN,
+        cl: f64::NAN,
         alpha: f64::NAN,
         kl_raw: f64::NAN,
     };
@@ -772,7 +869,7 @@ fn finalize<T: Element>(p: Partial, ys: &[T], scale: f64) -> Frame {
     let mut b = p.b;
     if p.r > 0.0 {
         // Each orphan adds w·e^{−x} = exp((y − m + c)/τ) to B and nothing else.
-        b += p.r * ((p.rm - p.m + p.c) * scale).exp();
+        b += p.r * (sum4(p.rm, -p.m, p.c, p.cl) * scale).exp();
     }
     let alpha = p.a / p.s;
     let beta = b / p.s;
@@ -788,6 +885,7 @@ fn finalize<T: Element>(p: Partial, ys: &[T], scale: f64) -> Frame {
             m: p.m,
             ln_s,
             c: p.c,
+            cl: p.cl,
             alpha,
             kl_raw: kl,
         };
@@ -802,13 +900,14 @@ fn finalize<T: Element>(p: Partial, ys: &[T], scale: f64) -> Frame {
         .iter()
         .map(|v| math::exp((v.to_f64() - mb) * scale))
         .sum();
-    let l = (p.c - (p.m - mb)) * scale + sb.ln() - ln_s;
+    let l = sum4(p.c, -p.m, mb, p.cl) * scale + sb.ln() - ln_s;
     let kl = alpha + l;
     Frame {
         kl: if kl.is_nan() { kl } else { kl.max(0.0) },
         m: p.m,
         ln_s,
         c: p.c,
+        cl: p.cl,
         alpha,
         kl_raw: kl,
     }
@@ -954,23 +1053,31 @@ fn side_grad<T: Element>(
     for start in (0..xs.len()).step_by(CHUNK) {
         let n = CHUNK.min(xs.len() - start);
         let (xb, yb) = (&xs[start..start + n], &ys[start..start + n]);
-        let xf = widen(xb, &mut sc.xf);
-        let yf = widen(yb, &mut sc.yf);
-        let (xv, dv) = (&mut sc.xv[..n], &mut sc.dv[..n]);
-        for i in 0..n {
-            xv[i] = xf[i] as f64;
-            dv[i] = xv[i] - yf[i] as f64;
-        }
+        let xf = widen_into(xb, &mut sc.xf);
+        let yf = widen_into(yb, &mut sc.yf);
+        let (xv, dv, lv) = (&mut sc.xv[..n], &mut sc.dv[..n], &mut sc.lv[..n]);
+        let (finite, exact) = differences(xf, yf, xv, dv);
         let gxb = gx.as_deref_mut().map(|g| &mut g[start..start + n]);
         let gyb = gy.as_deref_mut().map(|g| &mut g[start..start + n]);
-        if !all_finite(dv) {
+        if !finite {
             side_grad_special(fr, xb, yb, scale, k, gxb, gyb);
             continue;
         }
-        // lp = log p, then d becomes u = (d − c)/τ.
-        for i in 0..n {
-            xv[i] = (xv[i] - fr.m) * scale - fr.ln_s;
-            dv[i] = (dv[i] - fr.c) * scale;
+        if !exact {
+            low_parts(xv, yf, lv);
+        }
+        // lp = log p, then d becomes u = (d − c)/τ (as in `chunk_partial`).
+        for x in xv.iter_mut() {
+            *x = (*x - fr.m) * scale - fr.ln_s;
+        }
+        if exact {
+            for d in dv.iter_mut() {
+                *d = ((*d - fr.c) - fr.cl) * scale;
+            }
+        } else {
+            for i in 0..n {
+                dv[i] = centred(dv[i], lv[i], fr.c, fr.cl) * scale;
+            }
         }
         if let Some(g) = gxb {
             for i in 0..n {
@@ -1012,14 +1119,16 @@ fn side_grad_special<T: Element>(
             if let Some(gy) = gy.as_deref_mut() {
                 if y > f64::NEG_INFINITY {
                     let l = fr.kl_raw - fr.alpha;
-                    gy[i] += k * math::exp((y - fr.m + fr.c) * scale - fr.ln_s - l);
+                    let e = sum4(y, -fr.m, fr.c, fr.cl) * scale;
+                    gy[i] += k * math::exp(e - fr.ln_s - l);
                 }
             }
             continue;
         }
         let lp = (x - fr.m) * scale - fr.ln_s;
         let p = math::exp(lp);
-        let u = ((x - y) - fr.c) * scale;
+        let (dh, dl) = two_sum(x, -y);
+        let u = centred(dh, dl, fr.c, fr.cl) * scale;
         if let Some(gx) = gx.as_deref_mut() {
             gx[i] += k * (p * (u - fr.alpha));
         }

@@ -8,7 +8,9 @@
 //!
 //! Uniform: the word's top 24 bits k give v = (2k + 1 − 2²⁴)·2⁻²⁴, exact in
 //! f32 and symmetric in (−1, 1); z = σ·v and e + z are single f32 operations on
-//! both backends, so uniform noise is **bit-identical** on the CPU and the GPU.
+//! both backends, so uniform noise is **bit-identical** on the CPU and the GPU
+//! for finite embeddings (a NaN embedding gives NaN on both, with the payload
+//! each device gives it: canonical on a GPU).
 //!
 //! Gaussian (Box–Muller over the word pairs (0,1) and (2,3)): with
 //! u1 = (x₀ + 1)·2⁻³² ∈ (0, 1] and u2 = x₁·2⁻³², z = σ·(r·cos a) and σ·(r·sin a),

@@ -6,7 +6,9 @@
 //! extra. Arithmetic is f64 with every operation in a fixed order and no fused
 //! multiply-add; the CUDA kernel (`kernels/optimizer.cu`) performs the very same
 //! f64 operations with explicitly rounded intrinsics, so both backends store
-//! identical bits. Results are rounded once to the f32 state / master, and the
+//! identical bits for finite values. NaN inputs (θ, g, m or v) give NaN in the
+//! same elements on both, but a NaN result is NaN on both, but a GPU writes the canonical NaN where the CPU keeps an input's payload (tests/nan_inputs.rs); a
+//! TRAM step skips the update of an iteration with a non-finite gradient. Results are rounded once to the f32 state / master, and the
 //! working copy is rounded from that f32 value.
 //!
 //! Error bound against torch's algorithm evaluated in exact (f64) arithmetic on
@@ -16,9 +18,14 @@
 //! state feeds the next step, as in torch; `tests/optimizer.rs` checks 1e-6
 //! relative per step and a term-magnitude-relative 1e-6 over free-running steps.
 //!
+//! Gradients may be loss-scaled (AMP): the update uses s·g with s the inverse
+//! scale ([`FusedOptimizer::set_inv_scale`]), formed in f64, where the product
+//! of two f32 is exact, so s = 1 changes no bit. [`grads_overflow`] is AMP's
+//! found-inf check, which a TRAM step runs before its update.
+//!
 //! Differences from torch: the step count is per group (torch keeps one per
-//! tensor; they differ only for tensors that skip steps), AMSGrad, `maximize`
-//! and gradient unscaling are not supported.
+//! tensor; they differ only for tensors that skip steps), AMSGrad and
+//! `maximize` are not supported.
 
 use rayon::prelude::*;
 
@@ -42,6 +49,9 @@ pub enum Weights<'a, P> {
         master: &'a mut [f32],
         param: &'a mut [P],
     },
+    /// θ is read from `param` and the updated θ written there: no restore (a
+    /// step without perturbation, or after an out-of-place one).
+    InPlace { param: &'a mut [P] },
 }
 
 /// One tensor of the update: weights, gradient, optimizer state.
@@ -64,7 +74,9 @@ pub struct UpdateTensor<'a, P, G> {
 impl<P: Element, G: Element> UpdateTensor<'_, P, G> {
     fn len(&self) -> usize {
         match &self.weights {
-            Weights::Restore { param, .. } | Weights::Master { param, .. } => param.len(),
+            Weights::Restore { param, .. }
+            | Weights::Master { param, .. }
+            | Weights::InPlace { param } => param.len(),
         }
     }
 
@@ -81,6 +93,7 @@ impl<P: Element, G: Element> UpdateTensor<'_, P, G> {
                 "tensor {i}: master has {} elements, param {n}",
                 master.len()
             ),
+            Weights::InPlace { .. } => {}
         }
         if let Some(g) = self.grad {
             ensure!(
@@ -234,19 +247,42 @@ impl Scalars {
 pub struct FusedOptimizer {
     opt: BaseOptimizer,
     lr: f32,
+    inv_scale: f32,
     counter: StepCounter,
 }
 
 impl FusedOptimizer {
-    /// Validates `opt` and `lr`; the step count starts at 0.
+    /// Validates `opt` and `lr`; the step count starts at 0, the inverse
+    /// loss scale at 1.
     pub fn new(opt: BaseOptimizer, lr: f32) -> Result<Self> {
         opt.validate()?;
         validate_lr(lr)?;
         Ok(Self {
             opt,
             lr,
+            inv_scale: 1.0,
             counter: StepCounter::at(&opt, 0),
         })
+    }
+
+    /// The inverse loss scale s (the update uses s·g).
+    pub fn inv_scale(&self) -> f32 {
+        self.inv_scale
+    }
+
+    /// Sets s from the next step on; finite and > 0.
+    pub fn set_inv_scale(&mut self, inv_scale: f32) -> Result<()> {
+        crate::config::validate_inv_scale(inv_scale)?;
+        self.inv_scale = inv_scale;
+        Ok(())
+    }
+
+    /// Sets the step count and β powers as saved by [`FusedOptimizer::counter`]
+    /// (a bit-identical resume).
+    pub fn set_counter(&mut self, counter: StepCounter) -> Result<()> {
+        counter.validate()?;
+        self.counter = counter;
+        Ok(())
     }
 
     pub fn config(&self) -> &BaseOptimizer {
@@ -274,7 +310,8 @@ impl FusedOptimizer {
         self.counter
     }
 
-    /// Sets the step count (resuming from a checkpoint). O(t).
+    /// Sets the step count (resuming from a checkpoint) with the β powers of
+    /// [`StepCounter::at`] (fast for any t; see there for the bits).
     pub fn set_step_count(&mut self, t: u64) {
         self.counter = StepCounter::at(&self.opt, t);
     }
@@ -293,7 +330,7 @@ impl FusedOptimizer {
         self.counter.advance(&self.opt);
         for t in tensors.iter_mut() {
             let s = Scalars::new(&self.opt, self.lr, &self.counter, t.weight_decay);
-            update_tensor::<P, G, f32>(&s, &self.opt, t, None);
+            update_tensor::<P, G, f32>(&s, &self.opt, self.inv_scale, t, None);
         }
         Ok(())
     }
@@ -341,10 +378,92 @@ impl FusedOptimizer {
                 lambda,
                 from_master,
             });
-            update_tensor(&s, &self.opt, t, ema);
+            update_tensor(&s, &self.opt, self.inv_scale, t, ema);
         }
         Ok(())
     }
+
+    /// A TRAM step's update, validated by the caller: when `skip`, only the
+    /// restore (θ from the backup, the working copy from the master; nothing
+    /// else written, the count not advanced), else the update with the
+    /// targets following the new θ (`lambda` 1: untouched).
+    pub(crate) fn step_unchecked<P: Element, G: Element, T: Element>(
+        &mut self,
+        tensors: &mut [UpdateTensor<'_, P, G>],
+        targets: Option<&mut [&mut [T]]>,
+        lambda: f32,
+        from_master: bool,
+        skip: bool,
+    ) {
+        if skip {
+            for t in tensors.iter_mut() {
+                restore_only(t);
+            }
+            return;
+        }
+        self.counter.advance(&self.opt);
+        match targets {
+            Some(targets) => {
+                for (t, x) in tensors.iter_mut().zip(targets.iter_mut()) {
+                    let s = Scalars::new(&self.opt, self.lr, &self.counter, t.weight_decay);
+                    let ema = (lambda != 1.0).then_some(Ema {
+                        target: x,
+                        lambda,
+                        from_master,
+                    });
+                    update_tensor(&s, &self.opt, self.inv_scale, t, ema);
+                }
+            }
+            None => {
+                for t in tensors.iter_mut() {
+                    let s = Scalars::new(&self.opt, self.lr, &self.counter, t.weight_decay);
+                    update_tensor::<P, G, f32>(&s, &self.opt, self.inv_scale, t, None);
+                }
+            }
+        }
+    }
+}
+
+/// θ back from the backup, or the working copy from the master; nothing else.
+fn restore_only<P: Element, G: Element>(t: &mut UpdateTensor<'_, P, G>) {
+    match &mut t.weights {
+        Weights::Restore { backup, param } => param
+            .par_chunks_mut(CHUNK)
+            .zip(backup.par_chunks(CHUNK))
+            .for_each(|(p, b)| p.copy_from_slice(b)),
+        Weights::Master { master, param } => param
+            .par_chunks_mut(CHUNK)
+            .zip(master.par_chunks(CHUNK))
+            .for_each(|(p, w)| {
+                for (p, w) in p.iter_mut().zip(w) {
+                    *p = P::from_f32(*w);
+                }
+            }),
+        Weights::InPlace { .. } => {}
+    }
+}
+
+/// AMP's found-inf check over the gradients present: whether some s·g
+/// (formed in f64, where it is exact) is inf, NaN or at least 2⁶⁴ in
+/// magnitude, beyond which its square, AdamW's second moment, overflows f32.
+/// It reads every gradient once (4 bytes per f32 element, 2 per f16/bf16);
+/// a TRAM step runs it before the update and skips the update when it finds
+/// one, as PyTorch's GradScaler skips `optimizer.step()`.
+pub fn grads_overflow<G: Element>(grads: &[Option<&[G]>], inv_scale: f32) -> bool {
+    let s = inv_scale as f64;
+    grads.iter().flatten().any(|g| {
+        g.par_chunks(CHUNK)
+            .any(|c| c.iter().any(|x| overflows(s * x.to_f64())))
+    })
+}
+
+/// |s·g| at or above this counts as an overflow (`TRAM_GRAD_LIMIT`).
+pub const GRAD_LIMIT: f64 = 18446744073709551616.0; // 2^64
+
+/// Inf, NaN, or |x| at or above [`GRAD_LIMIT`].
+#[inline]
+fn overflows(x: f64) -> bool {
+    x.abs().partial_cmp(&GRAD_LIMIT) != Some(std::cmp::Ordering::Less)
 }
 
 /// Which new θ a fused EMA target follows.
@@ -386,9 +505,11 @@ fn chunks_or_empty<T>(s: &mut [T], n_chunks: usize) -> Vec<&mut [T]> {
 fn update_tensor<P: Element, G: Element, T: Element>(
     s: &Scalars,
     opt: &BaseOptimizer,
+    scale: f32,
     t: &mut UpdateTensor<'_, P, G>,
     ema: Option<Ema<'_, T>>,
 ) {
+    let scale = scale as f64;
     let n = t.len();
     if n == 0 {
         return;
@@ -420,7 +541,7 @@ fn update_tensor<P: Element, G: Element, T: Element>(
                     let g = &grad[c * CHUNK..c * CHUNK + p.len()];
                     for i in 0..p.len() {
                         let (mi, vi) = (m.get_mut(i), v.get_mut(i));
-                        let th = element(s, b[i].to_f64(), g[i].to_f64(), mi, vi);
+                        let th = element(s, b[i].to_f64(), scale * g[i].to_f64(), mi, vi);
                         p[i] = P::from_f32(th);
                     }
                     // The chunk is still in cache: one pass over memory.
@@ -449,12 +570,32 @@ fn update_tensor<P: Element, G: Element, T: Element>(
                     let g = &grad[c * CHUNK..c * CHUNK + p.len()];
                     for i in 0..p.len() {
                         let (mi, vi) = (m.get_mut(i), v.get_mut(i));
-                        let th = element(s, w[i] as f64, g[i].to_f64(), mi, vi);
+                        let th = element(s, w[i] as f64, scale * g[i].to_f64(), mi, vi);
                         w[i] = th;
                         p[i] = P::from_f32(th);
                     }
                     for ((x, p), w) in x.iter_mut().zip(p.iter()).zip(w.iter()) {
                         ema_one(x, if from_master { *w } else { p.to_f32() }, lambda);
+                    }
+                });
+        }
+        Weights::InPlace { param } => {
+            param
+                .par_chunks_mut(CHUNK)
+                .zip(ms.into_par_iter().zip(vs))
+                .zip(xs)
+                .enumerate()
+                .for_each(|(c, ((p, (m, v)), x))| {
+                    if let Some(grad) = grad {
+                        let g = &grad[c * CHUNK..c * CHUNK + p.len()];
+                        for i in 0..p.len() {
+                            let (mi, vi) = (m.get_mut(i), v.get_mut(i));
+                            let th = element(s, p[i].to_f64(), scale * g[i].to_f64(), mi, vi);
+                            p[i] = P::from_f32(th);
+                        }
+                    }
+                    for (x, p) in x.iter_mut().zip(p.iter()) {
+                        ema_one(x, p.to_f32(), lambda);
                     }
                 });
         }

@@ -13,7 +13,10 @@
 //! What happens is decided once per group ([`plan`]), in this order:
 //! a non-finite `N` sets `NONFINITE_GRAD`, a non-finite ρ `NONFINITE_RADIUS`, a
 //! negative ρ `NEGATIVE_RADIUS`; any of these leaves θ unchanged. Otherwise
-//! `N == 0` sets `ZERO_NORM` (ε = 0, θ unchanged), else `APPLIED`.
+//! `N == 0` sets `ZERO_NORM` (ε = 0, θ unchanged), else `APPLIED`. An applied
+//! step that rounds some finite θ (or master value) to ±inf in the parameter
+//! type also sets `OVERFLOW`: found while writing, so the values are written
+//! all the same (the backup keeps θ for [`restore`](super::restore::restore)).
 //!
 //! Each new value is computed in f64 ([`perturbed_value`], from the report's
 //! `coef`) and rounded once to the parameter type, to nearest even
@@ -28,10 +31,10 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::convert::{narrow, widen};
+use super::convert::{narrow_into, widen_into};
 use super::grad_norm::{check_settings, grad_norm, BLOCK, CHUNK};
 use crate::config::{Geometry, PerturbStatus, Radius, NORM_EPS};
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::error::{ensure, Result};
 
 /// What a perturbation decided and with which values.
@@ -135,6 +138,8 @@ impl Scratch {
 
 /// `out[k] ← round(f(θ[k], g[k]))` over one block (≤ [`BLOCK`] elements, equal
 /// lengths). Widening is exact and the narrowing rounds once, as `from_f64`.
+/// Returns whether a finite θ gave a non-finite output (an overflow: f is
+/// finite in f64 for finite inputs, so only the rounding to `P` can do it).
 #[inline(always)]
 fn update_block<T: Element, G: Element, P: Element>(
     theta: &[T],
@@ -142,14 +147,31 @@ fn update_block<T: Element, G: Element, P: Element>(
     out: &mut [P],
     f: &impl Fn(f64, f64) -> f64,
     sc: &mut Scratch,
-) {
-    let t = widen(theta, &mut sc.t);
-    let g = widen(grad, &mut sc.g);
+) -> bool {
+    let t = widen_into(theta, &mut sc.t);
+    let g = widen_into(grad, &mut sc.g);
     let v = &mut sc.v[..theta.len()];
     for ((v, &t), &g) in v.iter_mut().zip(t).zip(g) {
         *v = f(t as f64, g as f64);
     }
-    narrow(v, out, &mut sc.n);
+    narrow_into(v, out, &mut sc.n);
+    // On the bits: all-ones exponent is ±inf or NaN, in every format.
+    let e = match P::DTYPE {
+        DType::F32 => 0x7f80_0000,
+        DType::BF16 => 0x7f80,
+        DType::F16 => 0x7c00,
+    };
+    // Any non-finite output first (one integer test per element, in lanes);
+    // only then which inputs were finite (θ already inf/NaN is no overflow).
+    let any = out
+        .iter()
+        .fold(0u32, |a, o| a | ((o.to_bits_u32() & e) == e) as u32);
+    if any == 0 {
+        return false;
+    }
+    t.iter()
+        .zip(out.iter())
+        .any(|(&t, o)| t.is_finite() && o.to_bits_u32() & e == e)
 }
 
 /// `out[k] ← round(f(θ[k], g[k]))` over one chunk, block by block. Cloned for
@@ -161,12 +183,14 @@ fn update_chunk<T: Element, G: Element, P: Element, F: Fn(f64, f64) -> f64>(
     grad: &[G],
     out: &mut [P],
     f: &F,
-) {
+) -> bool {
     let mut sc = Scratch::new();
+    let mut overflow = false;
     let blocks = theta.chunks(BLOCK).zip(grad.chunks(BLOCK));
     for ((tb, gb), ob) in blocks.zip(out.chunks_mut(BLOCK)) {
-        update_block(tb, gb, ob, f, &mut sc);
+        overflow |= update_block(tb, gb, ob, f, &mut sc);
     }
+    overflow
 }
 
 /// In place over one chunk, block by block: back θ up, then write θ + ε
@@ -177,13 +201,15 @@ fn update_chunk_in_place<P: Element, G: Element, F: Fn(f64, f64) -> f64>(
     grad: &[G],
     backup: &mut [P],
     f: &F,
-) {
+) -> bool {
     let mut sc = Scratch::new();
+    let mut overflow = false;
     let blocks = theta.chunks_mut(BLOCK).zip(grad.chunks(BLOCK));
     for ((tb, gb), bb) in blocks.zip(backup.chunks_mut(BLOCK)) {
         bb.copy_from_slice(tb);
-        update_block(bb, gb, tb, f, &mut sc);
+        overflow |= update_block(bb, gb, tb, f, &mut sc);
     }
+    overflow
 }
 
 /// Runs `body` with a per-element update function specialised to the geometry,
@@ -208,6 +234,14 @@ macro_rules! with_update {
             }
         }
     }};
+}
+
+/// The report with `OVERFLOW` added when the writes overflowed.
+fn with_overflow(mut report: PerturbReport, overflow: bool) -> PerturbReport {
+    if overflow {
+        report.status.0 |= PerturbStatus::OVERFLOW;
+    }
+    report
 }
 
 /// A norm passed in must be ≥ 0 or not finite (a non-finite one is a status).
@@ -333,14 +367,19 @@ pub fn perturb_with<P: Element, G: Element>(
             None => work.extend(pc.zip(bc).map(|(p, b)| (p, None, b))),
         }
     }
-    with_update!(geometry, inv_scale as f64, report.coef, |f| {
-        work.into_par_iter().for_each(|(p, g, b)| match g {
-            // One pass: read θ once, write the backup and θ + ε.
-            Some(g) => update_chunk_in_place(p, g, b, &f),
-            None => b.copy_from_slice(p),
-        })
+    let overflow = with_update!(geometry, inv_scale as f64, report.coef, |f| {
+        work.into_par_iter()
+            .map(|(p, g, b)| match g {
+                // One pass: read θ once, write the backup and θ + ε.
+                Some(g) => update_chunk_in_place(p, g, b, &f),
+                None => {
+                    b.copy_from_slice(p);
+                    false
+                }
+            })
+            .reduce(|| false, |a, b| a | b)
     });
-    Ok(report)
+    Ok(with_overflow(report, overflow))
 }
 
 /// Master weights: reads the f32 master `master[i]` and the gradient, writes only
@@ -401,11 +440,12 @@ pub fn perturb_master_with<P: Element, G: Element>(
             );
         }
     }
-    with_update!(geometry, inv_scale as f64, report.coef, |f| {
+    let overflow = with_update!(geometry, inv_scale as f64, report.coef, |f| {
         work.into_par_iter()
-            .for_each(|(m, g, w)| update_chunk(m, g, w, &f))
+            .map(|(m, g, w)| update_chunk(m, g, w, &f))
+            .reduce(|| false, |a, b| a | b)
     });
-    Ok(report)
+    Ok(with_overflow(report, overflow))
 }
 
 /// Out of place: `out[i] ← round_P(θ_i + ε_i)` for tensors with a gradient when
@@ -456,11 +496,16 @@ pub fn perturb_out_of_place_with<P: Element, G: Element>(
             None => work.extend(pc.zip(oc).map(|(p, o)| (p, None, o))),
         }
     }
-    with_update!(geometry, inv_scale as f64, report.coef, |f| {
-        work.into_par_iter().for_each(|(p, g, o)| match g {
-            Some(g) => update_chunk(p, g, o, &f),
-            None => o.copy_from_slice(p),
-        })
+    let overflow = with_update!(geometry, inv_scale as f64, report.coef, |f| {
+        work.into_par_iter()
+            .map(|(p, g, o)| match g {
+                Some(g) => update_chunk(p, g, o, &f),
+                None => {
+                    o.copy_from_slice(p);
+                    false
+                }
+            })
+            .reduce(|| false, |a, b| a | b)
     });
-    Ok(report)
+    Ok(with_overflow(report, overflow))
 }

@@ -1,5 +1,6 @@
 //! Launcher of `kernels/ema.cu`: TRAM-θ's target θ̄ ← λ·θ̄ + (1−λ)·θ over a
-//! group in one launch (a `multi_tensor.cuh` table and chunk list). Same bits as `cpu::ema` (see there for the bound).
+//! group in one launch (a `multi_tensor.cuh` table and chunk list). Same bits as
+//! `cpu::ema` for finite values (see there for the bound and for NaNs).
 //! λ = 1 launches nothing (θ̄ unchanged bit for bit); λ is fixed configuration,
 //! passed by value (a captured graph keeps it, as it should).
 
@@ -10,6 +11,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
+use super::buffer::DevRef;
 use super::group::{MtChunk, MtTensor, BLOCK_THREADS};
 use super::optimizer::chunks_of;
 use super::CudaBackend;
@@ -39,8 +41,11 @@ pub struct DeviceEmaTensor<'a, T, P> {
 #[derive(Debug)]
 pub struct EmaGroup<'a> {
     rows: Vec<MtTensor>,
-    table: CudaSlice<MtTensor>,
-    chunks: CudaSlice<MtChunk>,
+    _table: CudaSlice<MtTensor>,
+    _chunks: CudaSlice<MtChunk>,
+    /// Addresses of the two buffers above, taken once (capturable launches).
+    table_ptr: u64,
+    chunks_ptr: u64,
     n_chunks: u32,
     target: DType,
     theta: DType,
@@ -113,11 +118,22 @@ fn build(
     ensure!(!tensors.is_empty(), "the EMA group is empty");
     let mut table = Vec::with_capacity(tensors.len());
     for (i, t) in tensors.iter().enumerate() {
-        ensure!(t.target != 0 && t.theta != 0, "tensor {i}: null address");
+        // An empty tensor is skipped: any address will do, null included.
+        ensure!(
+            t.len == 0 || (t.target != 0 && t.theta != 0),
+            "tensor {i}: null address"
+        );
         ensure!(
             t.target % target.size() as u64 == 0 && t.theta % theta.size() as u64 == 0,
             "tensor {i}: an address is not aligned to its element size"
         );
+        super::buffer_end(
+            &format!("tensor {i}: target"),
+            t.target,
+            t.len,
+            target.size(),
+        )?;
+        super::buffer_end(&format!("tensor {i}: θ"), t.theta, t.len, theta.size())?;
         // Slots mirror EMA_SLOT_* in kernels/ema.cu.
         table.push(MtTensor {
             ptr: [t.target, t.theta, 0, 0, 0, 0],
@@ -126,10 +142,14 @@ fn build(
     }
     let (chunks, n_chunks) = chunks_of(&table)?;
     let stream = backend.stream();
+    let table_dev = stream.clone_htod(&table)?;
+    let chunks_dev = stream.clone_htod(&chunks)?;
     Ok(EmaGroup {
-        table: stream.clone_htod(&table)?,
+        table_ptr: DevRef::new(&table_dev).ptr(),
+        chunks_ptr: DevRef::new(&chunks_dev).ptr(),
+        _table: table_dev,
         rows: table,
-        chunks: stream.clone_htod(&chunks)?,
+        _chunks: chunks_dev,
         n_chunks,
         target,
         theta,
@@ -155,8 +175,8 @@ pub fn ema_update(backend: &CudaBackend, group: &EmaGroup<'_>, lambda: f32) -> R
         shared_mem_bytes: 0,
     };
     let mut b = backend.stream().launch_builder(f);
-    b.arg(&group.table)
-        .arg(&group.chunks)
+    b.arg(&group.table_ptr)
+        .arg(&group.chunks_ptr)
         .arg(&group.n_chunks)
         .arg(&lambda);
     // SAFETY: the table (MtTensor rows) and chunk list (MtChunk)

@@ -133,8 +133,8 @@ pub struct NormState {
     /// 1 when a gradient element (of a tensor with a gradient) is inf or NaN:
     /// PyTorch GradScaler's `found_inf`, set by the norm. Like the CPU
     /// reference's it looks at gradients only: a non-finite θ under the
-    /// adaptive geometry, or a term overflowing f32, makes `sum_sq` non-finite
-    /// (and the perturbation reports `NONFINITE_GRAD`) with `found_inf` 0.
+    /// adaptive geometry makes `sum_sq` non-finite (and the perturbation
+    /// reports `NONFINITE_GRAD`) with `found_inf` 0.
     /// [`finish`](super::grad_norm::finish) raises it for a non-finite
     /// all-reduced `sum_sq`.
     pub found_inf: u32,
@@ -281,14 +281,7 @@ pub fn describe(
                 "tensor {i}: {name} address {:#x} is not aligned to its {size}-byte elements",
                 b.ptr
             );
-            let bytes = len
-                .checked_mul(size as u64)
-                .and_then(|n| b.ptr.checked_add(n));
-            let Some(end) = bytes else {
-                return Err(crate::Error::InvalidArgument(format!(
-                    "tensor {i}: {name} extends past the address space"
-                )));
-            };
+            let end = super::buffer_end(&format!("tensor {i}: {name}"), b.ptr, len, size)?;
             e.ptr[slot as usize] = b.ptr;
             ranges.push((b.ptr, end, i));
         }
@@ -327,11 +320,17 @@ pub fn chunk_map(lens: &[u64], active: &[bool]) -> Result<ChunkMap> {
         active.len(),
         lens.len()
     );
-    let total: u64 = lens.iter().map(|&l| l.div_ceil(MT_CHUNK)).sum();
-    ensure!(
-        total <= u32::MAX as u64,
-        "{total} chunks is more than one launch can index"
-    );
+    let total = lens
+        .iter()
+        .try_fold(0u64, |n, &l| n.checked_add(l.div_ceil(MT_CHUNK)))
+        .filter(|&n| n <= u32::MAX as u64);
+    let Some(total) = total else {
+        return Err(crate::Error::InvalidArgument(format!(
+            "{} tensors of {} elements in all are more chunks than one launch can index (2^32 - 1)",
+            lens.len(),
+            lens.iter().map(|&l| l as u128).sum::<u128>()
+        )));
+    };
     let mut chunks = Vec::with_capacity(total as usize);
     let mut n_active = 0;
     for pass in [true, false] {
@@ -374,7 +373,7 @@ pub struct ParamGroup<'a> {
     chunks: ChunkMap,
     stream: Arc<CudaStream>,
     // Owned device buffers, used through `addrs`.
-    _table_dev: CudaSlice<MtTensor>,
+    table_dev: CudaSlice<MtTensor>,
     chunks_dev: CudaSlice<MtChunk>,
     n_chunks_dev: CudaSlice<u32>,
     _partials: CudaSlice<f64>,
@@ -482,6 +481,24 @@ impl<'a> ParamGroup<'a> {
         tensors: &[RawTensor],
     ) -> Result<Self> {
         let (table, roles) = describe(param_dtype, grad_dtype, tensors)?;
+        Self::from_table(backend, param_dtype, grad_dtype, roles, table)
+    }
+
+    /// A group over table rows its caller validated as [`describe`] does
+    /// (the TRAM step, which checks its one description of every role): a
+    /// gradient slot may be 0 for a tensor that never has a gradient, which
+    /// the caller keeps out of the active chunks.
+    pub(crate) fn from_table(
+        backend: &CudaBackend,
+        param_dtype: DType,
+        grad_dtype: DType,
+        roles: Roles,
+        table: Vec<MtTensor>,
+    ) -> Result<Self> {
+        ensure!(
+            !table.is_empty(),
+            "a parameter group needs at least one tensor"
+        );
         let lens: Vec<u64> = table.iter().map(|t| t.len).collect();
         let has_grad = vec![true; lens.len()];
         let chunks = chunk_map(&lens, &has_grad)?;
@@ -503,12 +520,16 @@ impl<'a> ParamGroup<'a> {
             Ok(sm * per_sm.clamp(1, 8))
         };
         let (p, g) = (param_dtype.name(), grad_dtype.name());
-        let norm_grid = grid_of(format!("grad_norm_{}_{g}", theta.name()))?;
+        // No more blocks than chunks: the others would find no work (every
+        // grid still walks the list with a stride, and the norm's sum order
+        // depends only on the group).
+        let n_chunks = (chunks.chunks.len() as u32).max(1);
+        let norm_grid = grid_of(format!("grad_norm_{}_{g}", theta.name()))?.min(n_chunks);
         let mut perturb_grid = [0; 3];
         for (grid, mode) in perturb_grid.iter_mut().zip(PerturbMode::ALL) {
-            *grid = grid_of(format!("perturb_{}_{p}_{g}", mode.kernel_name()))?;
+            *grid = grid_of(format!("perturb_{}_{p}_{g}", mode.kernel_name()))?.min(n_chunks);
         }
-        let restore_grid = grid_of(format!("restore_b{}", 8 * param_dtype.size()))?;
+        let restore_grid = grid_of(format!("restore_b{}", 8 * param_dtype.size()))?.min(n_chunks);
 
         let table_dev = stream.clone_htod(&table)?;
         // Every chunk is in the list, so toggling gradients only reorders it.
@@ -516,12 +537,16 @@ impl<'a> ParamGroup<'a> {
         if !chunks.chunks.is_empty() {
             stream.memcpy_htod(&chunks.chunks, &mut chunks_dev)?;
         }
-        // [chunks with a gradient, all chunks]
-        let n_chunks_dev =
-            stream.clone_htod(&[chunks.active as u32, chunks.chunks.len() as u32])?;
+        // [chunks with a gradient, all chunks] as the kernels read them, then
+        // the same pair again: a TRAM step's gate zeroes the first pair for
+        // a first step it refuses and copies the second back for the next.
+        let counts = [chunks.active as u32, chunks.chunks.len() as u32];
+        let n_chunks_dev = stream.clone_htod(&[counts[0], counts[1], counts[0], counts[1]])?;
         // One sum and one found-inf flag per block.
         let partials = stream.alloc_zeros::<f64>(2 * norm_grid as usize)?;
-        let counter = stream.alloc_zeros::<u32>(1)?;
+        // [norm ticket, perturbation ticket, perturbation overflow count]:
+        // each kernel leaves its words zero.
+        let counter = stream.alloc_zeros::<u32>(3)?;
         let state = stream.alloc_zeros::<NormState>(1)?;
         let addrs = [
             addr(&table_dev, &stream),
@@ -539,7 +564,7 @@ impl<'a> ParamGroup<'a> {
             has_grad,
             chunks,
             stream,
-            _table_dev: table_dev,
+            table_dev,
             chunks_dev,
             n_chunks_dev,
             _partials: partials,
@@ -565,10 +590,23 @@ impl<'a> ParamGroup<'a> {
             self.stream
                 .memcpy_htod(&chunks.chunks, &mut self.chunks_dev)?;
         }
-        let counts = [chunks.active as u32, chunks.chunks.len() as u32];
-        self.stream.memcpy_htod(&counts, &mut self.n_chunks_dev)?;
+        let (a, n) = (chunks.active as u32, chunks.chunks.len() as u32);
+        self.stream
+            .memcpy_htod(&[a, n, a, n], &mut self.n_chunks_dev)?;
         self.chunks = chunks;
         self.has_grad.copy_from_slice(has_grad);
+        Ok(())
+    }
+
+    /// Replaces the table's rows with rows of the same lengths (new
+    /// addresses; validated by the caller): an async copy into the same
+    /// device table, which launches enqueued (or replayed) after it read.
+    pub(crate) fn rewrite_table(&mut self, rows: &[MtTensor]) -> Result<()> {
+        ensure!(
+            rows.len() == self.lens.len() && rows.iter().zip(&self.lens).all(|(r, &l)| r.len == l),
+            "a group's table can only be rewritten with tensors of the same lengths"
+        );
+        self.stream.memcpy_htod(rows, &mut self.table_dev)?;
         Ok(())
     }
 
@@ -692,6 +730,11 @@ impl<'a> ParamGroup<'a> {
     pub(crate) fn counter_ptr(&self) -> u64 {
         self.addrs[4]
     }
+
+    /// The perturbation's two scratch words (after the norm's counter).
+    pub(crate) fn perturb_scratch_ptr(&self) -> u64 {
+        self.addrs[4] + 4
+    }
 }
 
 fn addr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -766,6 +809,18 @@ mod tests {
         let begin = last.index as u64 * MT_CHUNK;
         assert!(begin > u32::MAX as u64);
         assert_eq!(len - begin, 5);
+    }
+
+    #[test]
+    fn chunk_counts_that_overflow_are_errors() {
+        // 65,536 × 2^48 chunks: the u64 count wraps to 0.
+        let lens = vec![u64::MAX; 1 << 16];
+        assert!(chunk_map(&lens, &vec![true; 1 << 16]).is_err());
+        assert!(chunk_map(&[u64::MAX, u64::MAX], &[true, false]).is_err());
+        // Just within one launch's index: 2^32 − 1 chunks (not built here).
+        let within = [(u32::MAX as u64 - 1) * MT_CHUNK, 0];
+        let total: u64 = within.iter().map(|l| l.div_ceil(MT_CHUNK)).sum();
+        assert_eq!(total, u32::MAX as u64 - 1);
     }
 
     #[test]

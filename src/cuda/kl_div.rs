@@ -49,6 +49,17 @@
 //!   whose weight e^((a − max a)/τ) is below f32's normal range (~1e-38), e.g.
 //!   f16/bf16 rows at σ = 30 whose KL is ~1e-70; their relative error can
 //!   reach ~1e-3 (f32 subnormals).
+//! * Also outside it: logits far apart in magnitude. The difference a − b is
+//!   formed in f64 for f32 inputs and in f32 for f16/bf16, exact only while a
+//!   and b lie within ~29 binades of each other (f32; ~13 for f16, ~16 for
+//!   bf16); beyond, its rounding (about 1e-16·|a − b| for f32) enters every x.
+//!   Measured with the kernel's numerics compiled for the host, f32, one
+//!   side constant at an offset and the other ~ N(0, 9), V = 1,000: relative
+//!   error 7e-9 at 1e6 and 8e-9 at 1e8 (tests/gpu_kl_div.rs checks offsets up
+//!   to 1e8 within the bound, gradients included), 4e-7 at 1e10, 0.5 at 1e16,
+//!   1.0 at 3e38; f16 at 65,504 against the same spread misses the gradient
+//!   bound. The CPU reference has no such limit (it carries the difference
+//!   exactly).
 //! * Gradients: each entry within 1e-4·|g| + 1e-5·max_row|g| of the oracle
 //!   before the final rounding to the output dtype (½ ulp of that dtype more).
 //!   `q − p` is formed as `p·expm1(log q − log p)` with the reference kept at
@@ -62,6 +73,7 @@ use cudarc::driver::{
     CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
+use super::buffer::{DevMut, DevRef};
 use super::CudaBackend;
 use crate::config::{KlDirection, KlOptions, Reduction};
 use crate::dtype::{DType, Element};
@@ -161,6 +173,17 @@ pub struct KlWorkspace {
     /// [value (f64), unmasked rows, the reduction's scale, 0].
     scalars: CudaSlice<f64>,
     value: CudaSlice<f32>,
+    /// Addresses of the four buffers above, taken once: launches pass them
+    /// as plain arguments (no event bookkeeping, capturable).
+    addrs: WsAddrs,
+}
+
+#[derive(Clone, Copy)]
+struct WsAddrs {
+    stats: u64,
+    partials: u64,
+    scalars: u64,
+    value: u64,
 }
 
 impl std::fmt::Debug for KlWorkspace {
@@ -186,27 +209,53 @@ pub struct KlReadback {
 }
 
 impl KlWorkspace {
-    /// Bytes of device memory a workspace for `max_rows` rows takes.
-    pub fn bytes(max_rows: usize, sm_count: u32) -> usize {
-        max_rows * std::mem::size_of::<RowStats>()
-            + partials_capacity(sm_count) * PARTIAL_BYTES
-            + 4 * 8
-            + 4
+    /// Bytes of device memory a workspace for `max_rows` rows takes on a
+    /// device with `sm_count` SMs; `Err` when that does not fit in a `usize`.
+    pub fn bytes(max_rows: usize, sm_count: u32) -> Result<usize> {
+        partials_capacity(sm_count)
+            .checked_mul(PARTIAL_BYTES)
+            .and_then(|p| p.checked_add(Self::stats_bytes(max_rows).ok()?))
+            .and_then(|b| b.checked_add(4 * 8 + 4))
+            .ok_or_else(|| too_many_rows(max_rows))
+    }
+
+    fn stats_bytes(max_rows: usize) -> Result<usize> {
+        max_rows
+            .checked_mul(std::mem::size_of::<RowStats>())
+            .ok_or_else(|| too_many_rows(max_rows))
     }
 
     /// A workspace for problems of up to `max_rows` rows (any vocabulary).
     pub fn new(backend: &CudaBackend, max_rows: usize) -> Result<Self> {
         ensure!(max_rows > 0, "KlWorkspace needs max_rows > 0");
+        Self::bytes(max_rows, backend.sm_count())?;
         let stream = backend.stream();
         let partial_cap = partials_capacity(backend.sm_count());
+        let stats = stream.alloc_zeros::<u8>(Self::stats_bytes(max_rows)?)?;
+        let partials = stream.alloc_zeros::<u8>(partial_cap * PARTIAL_BYTES)?;
+        let scalars = stream.alloc_zeros::<f64>(4)?;
+        let value = stream.alloc_zeros::<f32>(1)?;
+        let addrs = WsAddrs {
+            stats: DevRef::new(&stats).ptr(),
+            partials: DevRef::new(&partials).ptr(),
+            scalars: DevRef::new(&scalars).ptr(),
+            value: DevRef::new(&value).ptr(),
+        };
         Ok(Self {
             max_rows,
             partial_cap,
-            stats: stream.alloc_zeros::<u8>(max_rows * std::mem::size_of::<RowStats>())?,
-            partials: stream.alloc_zeros::<u8>(partial_cap * PARTIAL_BYTES)?,
-            scalars: stream.alloc_zeros::<f64>(4)?,
-            value: stream.alloc_zeros::<f32>(1)?,
+            stats,
+            partials,
+            scalars,
+            value,
+            addrs,
         })
+    }
+
+    /// The device address of [`KlWorkspace::value`] (one f32), for launches
+    /// that read the divergence (the perturbation).
+    pub fn value_ptr(&self) -> u64 {
+        self.addrs.value
     }
 
     /// The largest row count this workspace serves.
@@ -261,10 +310,20 @@ impl KlWorkspace {
     }
 }
 
+fn too_many_rows(max_rows: usize) -> crate::Error {
+    crate::Error::InvalidArgument(format!(
+        "a KL workspace for {max_rows} rows needs more bytes than a usize holds"
+    ))
+}
+
 /// A row-major logit matrix on the device: `rows × vocab`, row `r` starting at
 /// element `r · row_stride` of `data`.
+///
+/// The address is taken when the view is built (see [`DevRef`]): build it
+/// before a CUDA graph capture begins.
+#[derive(Clone, Copy)]
 pub struct DeviceLogits<'a, T> {
-    data: CudaView<'a, T>,
+    data: DevRef<'a, T>,
     rows: usize,
     vocab: usize,
     row_stride: usize,
@@ -304,18 +363,36 @@ impl<'a, T> DeviceLogits<'a, T> {
         vocab: usize,
         row_stride: usize,
     ) -> Result<Self> {
+        Self::from_ref(DevRef::from_view(data), rows, vocab, row_stride)
+    }
+
+    /// A dense view (`row_stride = vocab`).
+    pub fn dense(data: CudaView<'a, T>, rows: usize, vocab: usize) -> Result<Self> {
+        Self::new(data, rows, vocab, vocab)
+    }
+
+    /// A strided matrix over a buffer by address ([`DevRef::from_raw`] for a
+    /// framework's storage); `Err` when the shape does not fit in it or the
+    /// address is null or misaligned.
+    pub fn from_ref(
+        data: DevRef<'a, T>,
+        rows: usize,
+        vocab: usize,
+        row_stride: usize,
+    ) -> Result<Self> {
         check_shape("logits", rows, vocab, row_stride, data.len())?;
+        let size = std::mem::size_of::<T>() as u64;
+        ensure!(
+            rows == 0 || (data.ptr() != 0 && data.ptr() % size == 0),
+            "logits: address {:#x} is null or not aligned to its {size}-byte elements",
+            data.ptr()
+        );
         Ok(Self {
             data,
             rows,
             vocab,
             row_stride,
         })
-    }
-
-    /// A dense view (`row_stride = vocab`).
-    pub fn dense(data: CudaView<'a, T>, rows: usize, vocab: usize) -> Result<Self> {
-        Self::new(data, rows, vocab, vocab)
     }
 
     pub fn rows(&self) -> usize {
@@ -331,15 +408,19 @@ impl<'a, T> DeviceLogits<'a, T> {
 
 /// A gradient output: `rows × vocab` elements with their own row stride.
 pub struct GradOut<'a, T> {
-    data: CudaViewMut<'a, T>,
+    data: DevMut<'a, T>,
     row_stride: usize,
 }
 
 impl<'a, T> GradOut<'a, T> {
     /// Row `r` is written at elements `r · row_stride ..` of `data` (`row_stride`
-    /// must be at least the vocabulary; checked at the call).
+    /// must be at least the vocabulary; checked at the call). The address is
+    /// taken here (see [`DevMut`]).
     pub fn new(data: CudaViewMut<'a, T>, row_stride: usize) -> Self {
-        Self { data, row_stride }
+        Self {
+            data: DevMut::from_view(data),
+            row_stride,
+        }
     }
 }
 
@@ -381,6 +462,12 @@ pub struct RawGrads {
 /// The loss: the reduced value into [`KlWorkspace::value`] and, when given,
 /// per-row values (f32, `rows` long) into `per_row`. Asynchronous on the
 /// backend's stream.
+///
+/// The logits' addresses were taken when they were described; the mask and
+/// `per_row` are cudarc views whose addresses cudarc hands out at this call
+/// (recording events with tracking on): without them the call can be
+/// captured into a CUDA graph; with them, outside a capture only (or use
+/// [`kl_div_raw`], or a TRAM step, whose mask is described by address).
 #[allow(clippy::too_many_arguments)]
 pub fn kl_div<T: Element>(
     backend: &CudaBackend,
@@ -436,10 +523,10 @@ fn run_safe<T: Element>(
         );
     }
     let stream = backend.stream();
-    // The guards order these buffers' other users against the launches; they
-    // must live until the launches are enqueued (end of this function).
-    let (pa, _ga) = target.data.device_ptr(stream);
-    let (pb, _gb) = model.data.device_ptr(stream);
+    // The logits' addresses were taken when they were described. The mask
+    // and per-row views are cudarc's at this call: their guards order them
+    // against the launches and must live until the launches are enqueued.
+    let (pa, pb) = (target.data.ptr(), model.data.ptr());
     let (pm, _gm) = match mask {
         Some(m) => {
             let (p, g) = m.device_ptr(stream);
@@ -465,13 +552,14 @@ fn run_safe<T: Element>(
     let model_raw = raw(model, pb);
     match grads {
         None => {
-            // SAFETY: the pointers come from live cudarc views whose lengths
-            // `DeviceLogits::new` and the checks above matched to the shape;
-            // the guards keep cudarc's stream ordering until the launches
-            // are enqueued; no output aliases an input.
+            // SAFETY: the logits' addresses come from `DevRef`s that borrow
+            // live buffers (or whose `from_raw` caller vouched for them), with
+            // lengths `DeviceLogits::from_ref` and the checks above matched to
+            // the shape; the mask and per-row guards keep cudarc's ordering
+            // until the launches are enqueued; no output aliases an input.
             unsafe { launch(backend, target_raw, model_raw, pm, opts, ws, pr, None) }
         }
-        Some(mut g) => {
+        Some(g) => {
             let check_out = |what: &str, o: &GradOut<'_, T>| {
                 check_shape(what, rows, target.vocab, o.row_stride, o.data.len())
             };
@@ -479,16 +567,8 @@ fn run_safe<T: Element>(
             if let Some(t) = g.target.as_ref() {
                 check_out("target gradient", t)?;
             }
-            let model_stride = g.model.row_stride;
-            let (gm_ptr, _ggm) = g.model.data.device_ptr_mut(stream);
-            let (gt_ptr, _ggt) = match g.target.as_mut() {
-                Some(t) => {
-                    let stride = t.row_stride;
-                    let (p, guard) = t.data.device_ptr_mut(stream);
-                    (Some((p, stride)), Some(guard))
-                }
-                None => (None, None),
-            };
+            let gm_ptr = g.model.data.ptr();
+            let gt_ptr = g.target.as_ref().map(|t| (t.data.ptr(), t.row_stride));
             let (pu, _gu) = match g.upstream_device {
                 Some(u) => {
                     ensure!(!u.is_empty(), "upstream device scalar is empty");
@@ -498,16 +578,62 @@ fn run_safe<T: Element>(
                 None => (None, None),
             };
             let rg = RawGrads {
-                model: (gm_ptr, model_stride),
+                model: (gm_ptr, g.model.row_stride),
                 target: gt_ptr,
                 upstream: g.upstream,
                 upstream_device: pu,
             };
-            // SAFETY: as above; the gradient outputs are `CudaViewMut`s, so
-            // the borrow checker rules out any overlap with the inputs or
-            // each other, and their lengths were checked against the shape.
+            // SAFETY: as above; the gradient outputs are `DevMut`s, whose
+            // mutable borrows (or `from_raw` contracts) rule out any overlap
+            // with the inputs or each other, and their lengths were checked
+            // against the shape.
             unsafe { launch(backend, target_raw, model_raw, pm, opts, ws, pr, Some(rg)) }
         }
+    }
+}
+
+/// The loss of a TRAM step's first step: the reduced value into the
+/// workspace, over logits and a mask described by address (no cudarc access:
+/// capturable).
+pub(crate) fn kl_div_step<T: Element>(
+    backend: &CudaBackend,
+    target: &DeviceLogits<'_, T>,
+    model: &DeviceLogits<'_, T>,
+    mask: Option<&DevRef<'_, u8>>,
+    opts: &KlOptions,
+    ws: &mut KlWorkspace,
+) -> Result<()> {
+    let rows = target.rows;
+    if let Some(m) = mask {
+        ensure!(
+            m.len() == rows,
+            "mask has {} bytes for {rows} rows",
+            m.len()
+        );
+        ensure!(rows == 0 || m.ptr() != 0, "mask: null pointer");
+    }
+    let raw = |l: &DeviceLogits<'_, T>| RawLogits {
+        ptr: l.data.ptr(),
+        rows: l.rows,
+        vocab: l.vocab,
+        row_stride: l.row_stride,
+        dtype: T::DTYPE,
+    };
+    // SAFETY: the logits' and the mask's addresses come from `DevRef`s that
+    // borrow live buffers for this call (or whose `from_raw` callers vouched
+    // for them), with extents `DeviceLogits::from_ref` and the check above
+    // matched to the shape; nothing is written but the workspace.
+    unsafe {
+        launch(
+            backend,
+            raw(target),
+            raw(model),
+            mask.map(|m| m.ptr()),
+            opts,
+            ws,
+            None,
+            None,
+        )
     }
 }
 
@@ -541,23 +667,27 @@ pub unsafe fn kl_div_raw(
     per_row: Option<u64>,
     grads: Option<RawGrads>,
 ) -> Result<()> {
+    // Shapes, and that each matrix fits below the top of the address space.
+    let raw_extent = |what: &str, ptr: u64, l: &RawLogits, stride: usize| {
+        check_shape(what, l.rows, l.vocab, stride, usize::MAX)?;
+        ensure!(ptr != 0, "{what}: null pointer");
+        let n = span(l.rows, l.vocab, stride).unwrap_or(usize::MAX);
+        super::buffer_end(what, ptr, n as u64, l.dtype.size()).map(|_| ())
+    };
     for (what, l) in [("target", &target), ("model", &model)] {
-        check_shape(what, l.rows, l.vocab, l.row_stride, usize::MAX)?;
-        ensure!(l.ptr != 0, "{what}: null pointer");
+        raw_extent(what, l.ptr, l, l.row_stride)?;
     }
     if let Some(g) = grads.as_ref() {
-        check_shape(
-            "model gradient",
-            model.rows,
-            model.vocab,
-            g.model.1,
-            usize::MAX,
-        )?;
-        ensure!(g.model.0 != 0, "model gradient: null pointer");
+        raw_extent("model gradient", g.model.0, &model, g.model.1)?;
         if let Some(t) = g.target {
-            check_shape("target gradient", model.rows, model.vocab, t.1, usize::MAX)?;
-            ensure!(t.0 != 0, "target gradient: null pointer");
+            raw_extent("target gradient", t.0, &model, t.1)?;
         }
+    }
+    if let Some(p) = per_row {
+        super::buffer_end("per-row output", p, model.rows as u64, 4)?;
+    }
+    if let Some(m) = mask {
+        super::buffer_end("mask", m, model.rows as u64, 1)?;
     }
     // SAFETY: the caller upholds this function's contract, which is launch's.
     unsafe { launch(backend, target, model, mask, opts, ws, per_row, grads) }
@@ -638,10 +768,12 @@ unsafe fn launch(
     };
 
     let stream = backend.stream();
-    let (ws_stats, _g1) = ws.stats.device_ptr_mut(stream);
-    let (ws_partials, _g2) = ws.partials.device_ptr_mut(stream);
-    let (ws_scalars, _g3) = ws.scalars.device_ptr_mut(stream);
-    let (ws_value, _g4) = ws.value.device_ptr_mut(stream);
+    let WsAddrs {
+        stats: ws_stats,
+        partials: ws_partials,
+        scalars: ws_scalars,
+        value: ws_value,
+    } = ws.addrs;
 
     let mask_ptr = mask.unwrap_or(0);
     let a_stride = a.row_stride as i64;
@@ -815,9 +947,17 @@ mod tests {
     #[test]
     fn workspace_size_does_not_depend_on_vocab() {
         assert_eq!(
-            KlWorkspace::bytes(16_384, 132),
+            KlWorkspace::bytes(16_384, 132).unwrap(),
             16_384 * 64 + 396 * 104 + 36
         );
+    }
+
+    #[test]
+    fn workspace_sizes_that_overflow_are_errors() {
+        // max_rows × 64 bytes wraps around usize.
+        assert!(KlWorkspace::bytes(usize::MAX / 64 + 2, 132).is_err());
+        assert!(KlWorkspace::bytes(usize::MAX / 64, u32::MAX).is_err());
+        assert!(KlWorkspace::bytes(usize::MAX, 1).is_err());
     }
 
     #[test]

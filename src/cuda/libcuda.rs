@@ -49,6 +49,20 @@ pub(crate) fn present() -> bool {
     })
 }
 
+/// The driver library, opened by the first candidate name that opens, for
+/// looking a symbol up without calling it through cudarc (which panics on a
+/// missing symbol); `None` without the library.
+pub(crate) fn open() -> Option<libloading::Library> {
+    if !present() {
+        return None;
+    }
+    candidates().iter().find_map(|name| {
+        // SAFETY: as in `present`: the NVIDIA driver's own initialisers,
+        // which cudarc runs anyway.
+        unsafe { libloading::Library::new(name) }.ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -2,12 +2,13 @@
 //! caller's stream. Each operation has a launcher here beside its kernel file
 //! in `kernels/` and its CPU reference in `src/cpu/` (same file stem).
 
+pub mod buffer;
 pub mod ema;
 mod fatbin;
 pub mod grad_norm;
 pub mod group;
 pub mod kl_div;
-mod libcuda;
+pub(crate) mod libcuda;
 pub mod noise;
 pub mod optimizer;
 pub mod perturb;
@@ -23,16 +24,41 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 use cudarc::nvrtc::Ptx;
 
-use crate::error::{Error, Result};
+use crate::error::{DriverError, Error, Result};
 
 /// Kernels loaded into one CUDA context, launching on one stream.
 ///
 /// Create it from a device ordinal ([`CudaBackend::new`]) or around a stream a
 /// framework already owns ([`CudaBackend::from_stream`]). Every launch goes on
 /// [`CudaBackend::stream`]; nothing here synchronises unless a method says so.
+/// Cloning is cheap (the loaded kernels are shared) and the clone launches on
+/// the same stream.
+///
+/// # Streams, events and CUDA graphs
+///
+/// Launches pass device addresses that were taken when a buffer was described
+/// (a [`buffer::DevRef`], a [`group::ParamGroup`], a [`step::TramStep`]'s
+/// tables...), never cudarc slices: a launch records and waits on no cudarc
+/// event, so it can be captured into a CUDA graph with event tracking on, as
+/// [`CudaBackend::new`] and [`CudaBackend::from_stream`] leave it. The price
+/// is that cudarc does not order buffers of **other** streams against these
+/// launches. The contract: every buffer a launch reads or writes is ordered
+/// with the backend's stream by the caller. Work on the backend's stream is
+/// ordered by the stream itself; for a buffer written on another stream, call
+/// [`CudaBackend::wait_for_stream`] after that write and before the launch,
+/// and before the other stream reuses or frees a buffer the launches touched
+/// (cudarc frees a `CudaSlice` on the stream it was allocated on), call
+/// [`CudaBackend::make_stream_wait`].
+///
+/// While a stream of the context is being captured, no thread may
+/// synchronise the context: `CudaContext::synchronize`, a synchronous copy or
+/// allocation in a global-mode capture, and the first `new_stream` of a
+/// `CudaContext` object (cudarc synchronises the context then, so
+/// [`CudaBackend::new`] on another thread invalidates the capture).
+#[derive(Clone)]
 pub struct CudaBackend {
     stream: Arc<CudaStream>,
-    functions: HashMap<String, CudaFunction>,
+    functions: Arc<HashMap<String, CudaFunction>>,
     sm_count: u32,
 }
 
@@ -54,8 +80,7 @@ impl CudaBackend {
     /// when the device does not exist.
     pub fn new(ordinal: usize) -> Result<Self> {
         check_ptx_built()?;
-        let ctx = guarded("creating a CUDA context", || CudaContext::new(ordinal))?
-            .map_err(|e| Error::CudaUnavailable(format!("no CUDA device {ordinal}: {e:?}")))?;
+        let ctx = context(ordinal)?;
         let stream = guarded("creating a stream", || ctx.new_stream())??;
         Self::from_stream(stream)
     }
@@ -77,21 +102,22 @@ impl CudaBackend {
             // The driver takes the SASS that fits the device, else JIT-compiles the PTX.
             let image = Ptx::from_binary(bytes.to_vec());
             let module = guarded("loading kernels", || ctx.load_module(image))?.map_err(|e| {
+                let e = DriverError::from_cudarc(e);
                 Error::CudaUnavailable(format!(
-                    "the driver rejected the kernels of {module_name}.cu ({e:?}); they were built \
+                    "the driver rejected the kernels of {module_name}.cu ({e}); they were built \
                      by {}, whose machine code needs a driver of its CUDA major version or newer \
                      and whose PTX a driver of its CUDA version or newer",
                     ptx::NVCC.unwrap_or("unknown nvcc")
                 ))
             })?;
             for entry in ptx::entry_points(ptx_text) {
-                let f = module.load_function(entry)?;
+                let f = guarded("loading a kernel", || module.load_function(entry))??;
                 functions.insert(entry.to_string(), f);
             }
         }
         Ok(Self {
             stream,
-            functions,
+            functions: Arc::new(functions),
             sm_count: sm_count.max(1) as u32,
         })
     }
@@ -116,6 +142,29 @@ impl CudaBackend {
         Ok(self.stream.synchronize()?)
     }
 
+    /// Makes the backend's stream wait for the work enqueued on `other` so
+    /// far (an event recorded on `other`, waited on here; the host does not
+    /// wait). Call it after writing a buffer on `other` (a gradient from
+    /// another stream) and before a launch that reads it. Not while the
+    /// backend's stream is being captured unless `other` captures too.
+    pub fn wait_for_stream(&self, other: &CudaStream) -> Result<()> {
+        if *other != *self.stream {
+            self.stream.join(other)?;
+        }
+        Ok(())
+    }
+
+    /// Makes `other` wait for the work enqueued on the backend's stream so
+    /// far. Call it before `other` reuses or frees a buffer that launches on
+    /// the backend's stream read or wrote: dropping a `CudaSlice` allocated
+    /// on `other` frees it on `other`, which does not wait for this stream.
+    pub fn make_stream_wait(&self, other: &CudaStream) -> Result<()> {
+        if *other != *self.stream {
+            other.join(&self.stream)?;
+        }
+        Ok(())
+    }
+
     /// A loaded kernel by its `extern "C"` name.
     pub(crate) fn function(&self, name: &str) -> Result<&CudaFunction> {
         self.functions.get(name).ok_or_else(|| {
@@ -136,6 +185,43 @@ impl CudaBackend {
             ))),
         }
     }
+}
+
+/// The primary context of device `ordinal`, for building the stream a
+/// [`CudaBackend::from_stream`] runs on (`ctx.new_stream()`, or
+/// `ctx.wrap_borrowed_stream(raw)` around a framework's `CUstream`).
+///
+/// Unlike cudarc's `CudaContext::new`, which panics where no driver library
+/// can be loaded, this returns [`Error::CudaUnavailable`] when there is no
+/// driver library, the driver lacks a function it needs, or the device does
+/// not exist.
+///
+/// ```no_run
+/// # fn main() -> tram_kernels::Result<()> {
+/// let ctx = tram_kernels::cuda::context(0)?;
+/// let gpu = tram_kernels::cuda::CudaBackend::from_stream(ctx.new_stream()?)?;
+/// # let _ = gpu;
+/// # Ok(())
+/// # }
+/// ```
+pub fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    guarded("creating a CUDA context", || CudaContext::new(ordinal))?.map_err(|e| {
+        let e = DriverError::from_cudarc(e);
+        Error::CudaUnavailable(format!("no CUDA device {ordinal}: {e}"))
+    })
+}
+
+/// The end address of `len` elements of `size` bytes at device address
+/// `ptr`; `Err` naming `what` when the buffer would run past the end of the
+/// 64-bit address space (a length no allocation can have).
+pub(crate) fn buffer_end(what: &str, ptr: u64, len: u64, size: usize) -> Result<u64> {
+    len.checked_mul(size as u64)
+        .and_then(|n| ptr.checked_add(n))
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{what}: {len} elements of {size} bytes at {ptr:#x} extend past the address space"
+            ))
+        })
 }
 
 /// A kernel name being assembled, on the stack.
@@ -204,8 +290,17 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::NameBuf;
+    use super::{buffer_end, NameBuf};
     use std::fmt::Write;
+
+    #[test]
+    fn buffers_past_the_address_space_are_errors() {
+        assert_eq!(buffer_end("x", 0x1000, 4, 4).unwrap(), 0x1010);
+        assert_eq!(buffer_end("x", u64::MAX - 4, 1, 4).unwrap(), u64::MAX);
+        assert!(buffer_end("x", u64::MAX - 3, 1, 4).is_err());
+        assert!(buffer_end("x", 0x1000, u64::MAX / 2, 4).is_err());
+        assert!(buffer_end("x", 0x1000, u64::MAX, 2).is_err());
+    }
 
     #[test]
     fn kernel_names_are_assembled_on_the_stack() {

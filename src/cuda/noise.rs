@@ -10,6 +10,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
+use super::buffer::{DevMut, DevRef};
 use super::CudaBackend;
 use crate::config::{NoiseConfig, NoiseDistribution};
 use crate::dtype::{DType, Element};
@@ -21,13 +22,17 @@ const THREADS: u32 = 256;
 #[derive(Debug)]
 pub struct NoiseStep {
     step: CudaSlice<u64>,
+    /// The address of `step`, taken once (capturable launches).
+    ptr: u64,
 }
 
 impl NoiseStep {
     /// A device counter starting at `step`.
     pub fn new(backend: &CudaBackend, step: u64) -> Result<Self> {
+        let step = backend.stream().clone_htod(&[step])?;
         Ok(Self {
-            step: backend.stream().clone_htod(&[step])?,
+            ptr: DevRef::new(&step).ptr(),
+            step,
         })
     }
 
@@ -41,7 +46,7 @@ impl NoiseStep {
     pub fn advance(&mut self, backend: &CudaBackend) -> Result<()> {
         let f = backend.function("noise_step_advance")?;
         let mut b = backend.stream().launch_builder(f);
-        b.arg(&mut self.step);
+        b.arg(&self.ptr);
         // SAFETY: noise_step_advance(unsigned long long*) increments the one u64
         // of `self.step`, which outlives the launch.
         unsafe { b.launch(LaunchConfig::for_num_elems(1)) }?;
@@ -84,7 +89,7 @@ fn launch(
         .arg(&out)
         .arg(&n)
         .arg(&cfg.seed)
-        .arg(&step.step)
+        .arg(&step.ptr)
         .arg(&cfg.sigma);
     // SAFETY: the callers guarantee that `input` and `out` address `n` elements
     // of `dtype` (equal addresses for in place) valid on this stream; the step is
@@ -93,7 +98,37 @@ fn launch(
     Ok(())
 }
 
+/// out = e + z over buffers by address (see [`DevRef`]): capturable. Lengths
+/// must match; σ < 0 is an error.
+pub fn add_noise_to<T: Element>(
+    backend: &CudaBackend,
+    input: &DevRef<'_, T>,
+    out: &mut DevMut<'_, T>,
+    cfg: &NoiseConfig,
+    step: &NoiseStep,
+) -> Result<()> {
+    ensure!(
+        input.len() == out.len(),
+        "noise input has {} elements, output {}",
+        input.len(),
+        out.len()
+    );
+    let n = input.len() as u64;
+    let size = T::DTYPE.size() as u64;
+    ensure!(
+        n == 0
+            || (input.ptr() % size == 0
+                && out.ptr() % size == 0
+                && input.ptr() != 0
+                && out.ptr() != 0),
+        "null or misaligned noise buffer"
+    );
+    launch(backend, input.ptr(), out.ptr(), n, T::DTYPE, cfg, step)
+}
+
 /// out = e + z (no allocation, no sync). Lengths must match; σ < 0 is an error.
+/// The views' addresses are taken through cudarc at this call (events with
+/// tracking on): to capture it into a CUDA graph, use [`add_noise_to`].
 pub fn add_noise<T: Element + DeviceRepr>(
     backend: &CudaBackend,
     input: &CudaView<'_, T>,
@@ -147,5 +182,7 @@ pub unsafe fn add_noise_raw(
             && out % dtype.size() as u64 == 0,
         "null or misaligned noise buffer"
     );
+    super::buffer_end("noise input", input, n, dtype.size())?;
+    super::buffer_end("noise output", out, n, dtype.size())?;
     launch(backend, input, out, n, dtype, cfg, step)
 }

@@ -2,8 +2,9 @@
 //! backup or master, then AdamW or SGD) over a whole group in one launch, plus a
 //! one-thread launch that advances the step count on the device.
 //!
-//! Same semantics and same bits as `cpu::optimizer` (both evaluate the same f64
-//! operations in the same order); see there for the error bound.
+//! Same semantics and same bits as `cpu::optimizer` for finite values (both
+//! evaluate the same f64 operations in the same order); see there for the
+//! error bound and for NaNs.
 //!
 //! Per-step values live in device memory: the learning rate and the other
 //! hyperparameters in an 8-float block the host rewrites with an async copy
@@ -20,6 +21,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
+use super::buffer::DevRef;
 use super::ema::EmaGroup;
 use super::group::{chunk_map, MtChunk, MtTensor, BLOCK_THREADS};
 use super::CudaBackend;
@@ -90,7 +92,11 @@ pub struct UpdateGroup<'a> {
     /// The table as uploaded (for matching a fused EMA target against it).
     rows: Vec<MtTensor>,
     table: CudaSlice<MtTensor>,
-    chunks: CudaSlice<MtChunk>,
+    _chunks: CudaSlice<MtChunk>,
+    /// Addresses of `table` and `chunks`, taken once (launches pass them as
+    /// plain arguments: no event bookkeeping, capturable).
+    table_ptr: u64,
+    chunks_ptr: u64,
     n_chunks: u32,
     param: DType,
     grad: DType,
@@ -212,6 +218,27 @@ impl<'a> UpdateGroup<'a> {
         self.n_chunks
     }
 
+    /// Replaces the table's rows with `rows` of the same tensor lengths (new
+    /// addresses, gradients toggled): an async copy into the same device
+    /// table, so launches enqueued (or graphs replayed) after it use them.
+    /// The caller has validated the rows as `build` does.
+    pub(crate) fn rewrite_rows(
+        &mut self,
+        backend: &CudaBackend,
+        rows: Vec<MtTensor>,
+    ) -> Result<()> {
+        ensure!(
+            rows.len() == self.rows.len()
+                && rows.iter().zip(&self.rows).all(|(a, b)| a.len == b.len),
+            "the update table can only be rewritten with tensors of the same lengths"
+        );
+        backend.stream().memcpy_htod(&rows, &mut self.table)?;
+        self.all_m = rows.iter().all(|t| t.ptr[3] != 0 || t.len == 0);
+        self.all_v = rows.iter().all(|t| t.ptr[4] != 0 || t.len == 0);
+        self.rows = rows;
+        Ok(())
+    }
+
     /// Number of tensors.
     pub fn len(&self) -> usize {
         self.rows.len()
@@ -233,6 +260,8 @@ impl<'a> UpdateGroup<'a> {
 #[derive(Debug)]
 pub struct FusedTarget<'a> {
     targets: CudaSlice<u64>,
+    /// The address of `targets`, taken once.
+    targets_ptr: u64,
     dtype: DType,
     from_master: bool,
     len: usize,
@@ -351,13 +380,38 @@ impl<'a> FusedTarget<'a> {
             }
         }
         let targets: Vec<u64> = rows.iter().map(|e| e.ptr[0]).collect();
+        Self::from_list(backend, &targets, target_dtype, from_master)
+    }
+
+    /// From a list of target addresses already matched to an update group
+    /// (one per row, `dtype` f32 or the parameter type, disjoint from the
+    /// group's buffers): the step's constructor, which checks all of that.
+    pub(crate) fn from_list(
+        backend: &CudaBackend,
+        targets: &[u64],
+        dtype: DType,
+        from_master: bool,
+    ) -> Result<Self> {
+        let list = backend.stream().clone_htod(targets)?;
+        let targets_ptr = DevRef::new(&list).ptr();
         Ok(Self {
-            targets: backend.stream().clone_htod(&targets)?,
-            dtype: target_dtype,
+            targets: list,
+            targets_ptr,
+            dtype,
             from_master,
-            len: rows.len(),
+            len: targets.len(),
             _borrow: PhantomData,
         })
+    }
+
+    /// Rewrites the target addresses (same count): an async copy.
+    pub(crate) fn rewrite(&mut self, backend: &CudaBackend, targets: &[u64]) -> Result<()> {
+        ensure!(
+            targets.len() == self.len,
+            "the target list cannot change its length"
+        );
+        backend.stream().memcpy_htod(targets, &mut self.targets)?;
+        Ok(())
     }
 
     /// Whether θ̄ follows the f32 master weights (else the working parameters).
@@ -382,8 +436,10 @@ fn build(
     let src_size = if master { 4 } else { param.size() as u64 };
     let mut table = Vec::with_capacity(tensors.len());
     for (i, t) in tensors.iter().enumerate() {
+        // An empty tensor is skipped by every kernel: any address will do,
+        // null included (as in a parameter group).
         ensure!(
-            t.param != 0 && t.source != 0,
+            t.len == 0 || (t.param != 0 && t.source != 0),
             "tensor {i}: null param or source address"
         );
         let aligned = t.param % param.size() as u64 == 0
@@ -395,6 +451,18 @@ fn build(
             aligned,
             "tensor {i}: an address is not aligned to its element size"
         );
+        let extents = [
+            ("param", t.param, param.size()),
+            ("grad", t.grad, grad.size()),
+            ("source", t.source, src_size as usize),
+            ("m", t.m, 4),
+            ("v", t.v, 4),
+        ];
+        for (what, ptr, size) in extents {
+            if ptr != 0 {
+                super::buffer_end(&format!("tensor {i}: {what}"), ptr, t.len, size)?;
+            }
+        }
         // Slot order mirrors OPT_SLOT_* in kernels/optimizer.cu.
         table.push(MtTensor {
             ptr: [t.param, t.grad, t.source, t.m, t.v, t.weight_decay as u64],
@@ -403,10 +471,14 @@ fn build(
     }
     let (chunks, n_chunks) = chunks_of(&table)?;
     let stream = backend.stream();
+    let table_dev = stream.clone_htod(&table)?;
+    let chunks_dev = stream.clone_htod(&chunks)?;
     Ok(UpdateGroup {
-        table: stream.clone_htod(&table)?,
+        table_ptr: DevRef::new(&table_dev).ptr(),
+        chunks_ptr: DevRef::new(&chunks_dev).ptr(),
+        table: table_dev,
         rows: table,
-        chunks: stream.clone_htod(&chunks)?,
+        _chunks: chunks_dev,
         n_chunks,
         param,
         grad,
@@ -430,32 +502,65 @@ pub(crate) fn chunks_of(table: &[MtTensor]) -> Result<(Vec<MtChunk>, u32)> {
     Ok((chunks, n))
 }
 
-/// Indices into the 8-float hyperparameter block (mirrors `OptHyper`).
-fn hyper_block(opt: &BaseOptimizer, lr: f32) -> [f32; 8] {
+/// The 8-float hyperparameter block (mirrors `OptHyper`): lr, weight decay,
+/// β1, β2, eps, momentum, dampening, inverse loss scale.
+fn hyper_block(opt: &BaseOptimizer, lr: f32, inv_scale: f32) -> [f32; 8] {
     match *opt {
         BaseOptimizer::AdamW {
             beta1,
             beta2,
             eps,
             weight_decay,
-        } => [lr, weight_decay, beta1, beta2, eps, 0.0, 0.0, 0.0],
+        } => [lr, weight_decay, beta1, beta2, eps, 0.0, 0.0, inv_scale],
         BaseOptimizer::Sgd {
             momentum,
             dampening,
             weight_decay,
             ..
-        } => [lr, weight_decay, 0.0, 0.0, 0.0, momentum, dampening, 0.0],
+        } => [
+            lr,
+            weight_decay,
+            0.0,
+            0.0,
+            0.0,
+            momentum,
+            dampening,
+            inv_scale,
+        ],
     }
+}
+
+/// Byte offset of the inverse loss scale in the hyperparameter block.
+const INV_SCALE_OFFSET: u64 = 7 * 4;
+
+/// What decides, on the device, whether an update runs (a TRAM step's gate).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Gate {
+    /// The step's `StepState`.
+    pub state: u64,
+    /// The parameter group's `NormState` (the first step's status), or 0.
+    pub first: u64,
+    /// TRAM's second step (1) or a step without perturbation (0).
+    pub expect_perturbed: bool,
 }
 
 /// The base optimizer on the device: hyperparameters and step count in device
 /// memory (the CUDA twin of `cpu::optimizer::FusedOptimizer`).
+///
+/// The gradient is unscaled as s·g in the update, with s the inverse loss
+/// scale ([`FusedOptimizer::set_inv_scale`], 1 by default), also read from
+/// device memory. This low-level update has no found-inf check: a TRAM step
+/// ([`TramStep`](super::step::TramStep)) adds one.
 #[derive(Debug)]
 pub struct FusedOptimizer {
     opt: BaseOptimizer,
     lr: f32,
+    inv_scale: f32,
     hyper: CudaSlice<f32>,
     counter: CudaSlice<StepCounter>,
+    /// Addresses of `hyper` and `counter`, taken once (capturable launches).
+    hyper_ptr: u64,
+    counter_ptr: u64,
 }
 
 impl FusedOptimizer {
@@ -464,11 +569,16 @@ impl FusedOptimizer {
         opt.validate()?;
         validate_lr(lr)?;
         let stream = backend.stream();
+        let hyper = stream.clone_htod(&hyper_block(&opt, lr, 1.0))?;
+        let counter = stream.clone_htod(&[StepCounter::at(&opt, 0)])?;
         Ok(Self {
             opt,
             lr,
-            hyper: stream.clone_htod(&hyper_block(&opt, lr))?,
-            counter: stream.clone_htod(&[StepCounter::at(&opt, 0)])?,
+            inv_scale: 1.0,
+            hyper_ptr: DevRef::new(&hyper).ptr(),
+            counter_ptr: DevRef::new(&counter).ptr(),
+            hyper,
+            counter,
         })
     }
 
@@ -486,17 +596,48 @@ impl FusedOptimizer {
     /// call it while the stream is being captured.
     pub fn set_lr(&mut self, backend: &CudaBackend, lr: f32) -> Result<()> {
         validate_lr(lr)?;
-        backend
-            .stream()
-            .memcpy_htod(&hyper_block(&self.opt, lr), &mut self.hyper)?;
+        let block = hyper_block(&self.opt, lr, self.inv_scale);
+        backend.stream().memcpy_htod(&block, &mut self.hyper)?;
         self.lr = lr;
         Ok(())
     }
 
-    /// Sets the step count (resuming from a checkpoint); an async copy. O(t).
+    /// The inverse loss scale last set from the host.
+    pub fn inv_scale(&self) -> f32 {
+        self.inv_scale
+    }
+
+    /// Sets the inverse loss scale s (gradients are unscaled as s·g) of the
+    /// steps enqueued or replayed after this call; finite and > 0. An async
+    /// copy: not while the stream is being captured.
+    pub fn set_inv_scale(&mut self, backend: &CudaBackend, inv_scale: f32) -> Result<()> {
+        crate::config::validate_inv_scale(inv_scale)?;
+        let block = hyper_block(&self.opt, self.lr, inv_scale);
+        backend.stream().memcpy_htod(&block, &mut self.hyper)?;
+        self.inv_scale = inv_scale;
+        Ok(())
+    }
+
+    /// The device address of the inverse loss scale (one f32 of the
+    /// hyperparameter block), for launches that read it at run time.
+    pub(crate) fn inv_scale_ptr(&self) -> u64 {
+        self.hyper_ptr + INV_SCALE_OFFSET
+    }
+
+    /// Sets the step count (resuming from a checkpoint) with the β powers of
+    /// [`StepCounter::at`]; an async copy. For a bit-identical resume, save
+    /// and restore the whole counter ([`FusedOptimizer::set_counter`]).
     pub fn set_step_count(&mut self, backend: &CudaBackend, t: u64) -> Result<()> {
-        let c = [StepCounter::at(&self.opt, t)];
-        backend.stream().memcpy_htod(&c, &mut self.counter)?;
+        self.set_counter(backend, StepCounter::at(&self.opt, t))
+    }
+
+    /// Sets the step count and β powers as saved by [`FusedOptimizer::counter`]
+    /// (an async copy; not while capturing).
+    pub fn set_counter(&mut self, backend: &CudaBackend, counter: StepCounter) -> Result<()> {
+        counter.validate()?;
+        backend
+            .stream()
+            .memcpy_htod(&[counter], &mut self.counter)?;
         Ok(())
     }
 
@@ -513,7 +654,7 @@ impl FusedOptimizer {
     /// Advances the step count on the device, then restores and updates every
     /// tensor of `group`: two launches, no allocation, no host sync.
     pub fn step(&mut self, backend: &CudaBackend, group: &UpdateGroup<'_>) -> Result<()> {
-        self.launch(backend, group, None)
+        self.launch(backend, group, None, None)
     }
 
     /// [`FusedOptimizer::step`] with TRAM-θ's target θ̄ ← λ·θ̄ + (1−λ)·θ
@@ -535,9 +676,23 @@ impl FusedOptimizer {
             group.rows.len()
         );
         if lambda == 1.0 {
-            return self.launch(backend, group, None);
+            return self.launch(backend, group, None, None);
         }
-        self.launch(backend, group, Some((target, lambda)))
+        self.launch(backend, group, Some((target, lambda)), None)
+    }
+
+    /// A TRAM step's update: the found-inf check over the group's gradients,
+    /// the gate (which also advances the step count unless it skips), then
+    /// the update that follows the gate's decision. Three launches.
+    pub(crate) fn step_gated(
+        &mut self,
+        backend: &CudaBackend,
+        group: &UpdateGroup<'_>,
+        ema: Option<(&FusedTarget<'_>, f32)>,
+        gate: Gate,
+    ) -> Result<()> {
+        let ema = ema.filter(|&(_, lambda)| lambda != 1.0);
+        self.launch(backend, group, ema, Some(gate))
     }
 
     fn launch(
@@ -545,6 +700,7 @@ impl FusedOptimizer {
         backend: &CudaBackend,
         group: &UpdateGroup<'_>,
         ema: Option<(&FusedTarget<'_>, f32)>,
+        gate: Option<Gate>,
     ) -> Result<()> {
         let (name, nesterov) = match self.opt {
             BaseOptimizer::AdamW { .. } => ("adamw", false),
@@ -568,44 +724,87 @@ impl FusedOptimizer {
             group.param.name(),
             group.grad.name()
         ))?;
-        let advance = backend.function("optimizer_advance")?;
         let stream = backend.stream();
-
+        let (hyper, counter) = (self.hyper_ptr, self.counter_ptr);
         let adamw = matches!(self.opt, BaseOptimizer::AdamW { .. }) as u32;
+        let blocks = group.n_chunks.min(backend.sm_count() * 8).max(1);
+        let grid = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let one = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = stream.launch_builder(advance);
-        b.arg(&mut self.counter).arg(&self.hyper).arg(&adamw);
-        // SAFETY: optimizer_advance(OptCounter*, const OptHyper*, uint32_t): the
-        // counter is one StepCounter (24 bytes, the kernel's layout), the hyper
-        // block 8 floats; both live as long as `self`.
-        unsafe { b.launch(one) }?;
+        let (table, chunks, n_chunks) = (group.table_ptr, group.chunks_ptr, group.n_chunks);
+        match gate {
+            None => {
+                let advance = backend.function("optimizer_advance")?;
+                let mut b = stream.launch_builder(advance);
+                b.arg(&counter).arg(&hyper).arg(&adamw);
+                // SAFETY: optimizer_advance(OptCounter*, const OptHyper*,
+                // uint32_t): the counter is one StepCounter (24 bytes, the
+                // kernel's layout), the hyper block 8 floats; both owned by
+                // `self`, which outlives the launch (and any graph of it, by
+                // the step's contract).
+                unsafe { b.launch(one) }?;
+            }
+            Some(g) => {
+                if n_chunks > 0 {
+                    let check = backend
+                        .function_named(format_args!("optimizer_check_{}", group.grad.name()))?;
+                    let mut b = stream.launch_builder(check);
+                    b.arg(&table)
+                        .arg(&chunks)
+                        .arg(&n_chunks)
+                        .arg(&hyper)
+                        .arg(&g.state);
+                    // SAFETY: optimizer_check_<g>(MtTensor*, MtChunk*, u32,
+                    // OptHyper*, StepState*): the group's table and chunk list
+                    // (layouts of multi_tensor.cuh, chunks inside their
+                    // tensors, gradient slots of the group's gradient type or
+                    // 0), the hyper block, and the step's live StepState.
+                    unsafe { b.launch(grid) }?;
+                }
+                let begin = backend.function("optimizer_begin")?;
+                let expect = g.expect_perturbed as u32;
+                let mut b = stream.launch_builder(begin);
+                b.arg(&counter)
+                    .arg(&hyper)
+                    .arg(&adamw)
+                    .arg(&g.state)
+                    .arg(&g.first)
+                    .arg(&expect);
+                // SAFETY: optimizer_begin(OptCounter*, const OptHyper*, u32,
+                // StepState*, const NormState*, u32): our counter and hyper
+                // block, the step's StepState and its group's NormState (or 0,
+                // which the kernel checks), all alive while the step is.
+                unsafe { b.launch(one) }?;
+            }
+        }
 
-        if group.n_chunks == 0 {
+        if n_chunks == 0 {
             return Ok(());
         }
-        let blocks = group.n_chunks.min(backend.sm_count() * 8);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let nesterov = nesterov as u32;
+        let gate_ptr = gate.map_or(0u64, |g| g.state);
         let mut b = stream.launch_builder(update);
-        b.arg(&group.table)
-            .arg(&group.chunks)
-            .arg(&group.n_chunks)
-            .arg(&self.hyper)
-            .arg(&self.counter)
+        b.arg(&table)
+            .arg(&chunks)
+            .arg(&n_chunks)
+            .arg(&hyper)
+            .arg(&counter)
             .arg(&nesterov);
         let from_master;
+        let targets;
         if let Some((t, lambda)) = &ema {
             from_master = t.from_master as u32;
-            b.arg(&t.targets).arg(lambda).arg(&from_master);
+            targets = t.targets_ptr;
+            b.arg(&targets).arg(lambda).arg(&from_master);
         }
+        b.arg(&gate_ptr);
         // SAFETY: the table rows and chunk list were built by `build` with the
         // kernel's layouts (MtTensor, MtChunk of multi_tensor.cuh) and every chunk
         // index lies inside its tensor; the addresses in the rows are valid by
@@ -613,8 +812,8 @@ impl FusedOptimizer {
         // the kernel name matches the group's dtypes and mode. With an EMA, the
         // target list has one address per table row, each of `len` elements of
         // the target type that overlap no buffer of the group (checked by
-        // `FusedTarget::new`, valid by the EMA group's construction).
-        unsafe { b.launch(cfg) }?;
+        // `FusedTarget::new` or the step). The gate is 0 or the step's StepState.
+        unsafe { b.launch(grid) }?;
         Ok(())
     }
 }

@@ -10,7 +10,9 @@
 //!
 //! - N not finite → `NONFINITE_GRAD`; ρ not finite → `NONFINITE_RADIUS`;
 //!   ρ < 0 → `NEGATIVE_RADIUS` (bits combine); θ unchanged.
-//! - otherwise N = 0 → `ZERO_NORM`, θ unchanged; else `APPLIED`.
+//! - otherwise N = 0 → `ZERO_NORM`, θ unchanged; else `APPLIED`, with
+//!   `OVERFLOW` added when some finite θ (or master value) was written as
+//!   ±inf (θ is written all the same; the backup keeps it for `restore`).
 //!
 //! Modes ([`PerturbMode`]): in place with a backup (the backup is written
 //! whatever the status), from f32 master weights into the working copy
@@ -25,6 +27,14 @@
 //! computed exactly (f64) from the norm and ρ in the state. SAM uses one f32
 //! fma per element with ρ·s/(N + 1e-12) rounded once to f32; adaptive and
 //! Fisher compute in f64 for f32 parameters and in f32 for f16/bf16 ones.
+//! Huge numbers: SAM and adaptive compute in f64 for the whole launch when
+//! ρ·s/(N + 1e-12) is not a normal f32 (e.g. a norm near 1e21 with ρ below
+//! ~1e-17) or N passes 2^60, and Fisher in f32 takes w = 1/(1/x + η x) for
+//! |x| = |s·g| ≥ 2^32, where the square would overflow. Outside the bound, for
+//! f16/bf16 parameters only: with N below 2^60, an adaptive (|θ|+η)²·g past
+//! ~3.4e38 (|θ| beyond ~1e19·s) comes out infinite (and the status says
+//! `OVERFLOW`), and a Fisher coefficient, or an adaptive c·s, below ~1e-38
+//! keeps fewer digits.
 //!
 //! Norm and perturbation together are two launches for any number of tensors,
 //! with no allocation and no host sync.
@@ -188,7 +198,7 @@ pub fn perturb_device(
     // SAFETY: `d` as in `perturb`; the radius slot is owned by `radius`, which
     // the caller keeps alive across the launch by the borrow (and, for a
     // captured graph, by keeping it for as long as the graph is replayed).
-    unsafe { launch(backend, group, opts, radius.ptr(), d) }
+    unsafe { launch(backend, group, opts, radius.ptr(), d, 0) }
 }
 
 /// [`perturb`] with the divergence given as a raw device address.
@@ -205,7 +215,7 @@ pub unsafe fn perturb_raw(
 ) -> Result<()> {
     // SAFETY: no device radius (the value is passed by value); `divergence`
     // by this function's contract.
-    unsafe { launch(backend, group, opts, 0, divergence) }
+    unsafe { launch(backend, group, opts, 0, divergence, 0) }
 }
 
 /// [`perturb_raw`] with the radius scale read from `radius_dev` (an f32 in
@@ -225,19 +235,46 @@ pub unsafe fn perturb_raw_device(
 ) -> Result<()> {
     ensure!(radius_dev != 0, "the device radius address is null");
     // SAFETY: forwarded contract.
-    unsafe { launch(backend, group, opts, radius_dev, divergence) }
+    unsafe { launch(backend, group, opts, radius_dev, divergence, 0) }
 }
 
-/// `radius_dev` 0: the scale is `opts.radius`'s value.
+/// [`perturb_raw_device`] with the inverse scale read from `inv_scale_dev`
+/// as well (`opts.inv_scale` is its current value, checked here): a TRAM
+/// step's launch, which a replayed graph runs with the current scale.
 ///
 /// # Safety
-/// `divergence` as in [`perturb_raw`], `radius_dev` as in [`perturb_raw_device`] when non-zero.
+/// As [`perturb_raw_device`]; `inv_scale_dev` is the address of an f32 of
+/// the backend's context that stays allocated while the launch (or a graph
+/// of it) may run.
+pub(crate) unsafe fn perturb_step(
+    backend: &CudaBackend,
+    group: &ParamGroup<'_>,
+    opts: PerturbOptions,
+    radius_dev: u64,
+    divergence: u64,
+    inv_scale_dev: u64,
+) -> Result<()> {
+    ensure!(
+        radius_dev != 0 && inv_scale_dev != 0,
+        "the device radius or scale address is null"
+    );
+    // SAFETY: forwarded contract.
+    unsafe { launch(backend, group, opts, radius_dev, divergence, inv_scale_dev) }
+}
+
+/// `radius_dev` 0: the scale is `opts.radius`'s value; `inv_scale_dev` 0:
+/// the inverse scale is `opts.inv_scale`.
+///
+/// # Safety
+/// `divergence` as in [`perturb_raw`], `radius_dev` as in [`perturb_raw_device`]
+/// and `inv_scale_dev` as in [`perturb_step`] when non-zero.
 unsafe fn launch(
     backend: &CudaBackend,
     group: &ParamGroup<'_>,
     opts: PerturbOptions,
     radius_dev: u64,
     divergence: u64,
+    inv_scale_dev: u64,
 ) -> Result<()> {
     group.check_backend(backend)?;
     check_geometry(opts.geometry, opts.inv_scale)?;
@@ -273,7 +310,7 @@ unsafe fn launch(
         group.grad_dtype().name()
     ))?;
     let (table, chunks, n_chunks) = (group.table_ptr(), group.chunks_ptr(), group.n_chunks_ptr());
-    let state = group.state_ptr();
+    let (state, scratch) = (group.state_ptr(), group.perturb_scratch_ptr());
     let (geometry, eta) = (opts.geometry.code(), opts.geometry.eta());
     let mut b = backend.stream().launch_builder(f);
     b.arg(&table)
@@ -286,7 +323,9 @@ unsafe fn launch(
         .arg(&value)
         .arg(&radius_dev)
         .arg(&divergence)
-        .arg(&state);
+        .arg(&state)
+        .arg(&scratch)
+        .arg(&inv_scale_dev);
     let cfg = LaunchConfig {
         grid_dim: (group.perturb_grid(opts.mode), 1, 1),
         block_dim: (BLOCK_THREADS, 1, 1),
@@ -298,7 +337,8 @@ unsafe fn launch(
     // lifetime; the mode's slot is filled (checked above); `divergence` is
     // read only for a trust-region radius, where it is non-zero and live by
     // this function's contract; `radius_dev` is 0 (unused) or live by the
-    // callers' contracts.
+    // callers' contracts; `scratch` is two u32 the group owns, zero between
+    // launches (the kernel's last block resets them).
     unsafe { b.launch(cfg) }?;
     Ok(())
 }

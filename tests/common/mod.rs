@@ -76,3 +76,19 @@ macro_rules! gpu_or_skip {
         }
     };
 }
+
+/// A lock every GPU test of a binary that captures CUDA graphs holds for its
+/// whole run: creating a backend synchronises the context (cudarc does when a
+/// `CudaContext` creates its first stream), which invalidates a capture open
+/// on another test thread. One lock per test binary (each compiles this
+/// module), released on panic too.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Prints a line to the test log even when the harness captures output
+/// (see [`skip`]).
+pub fn log(line: impl Display) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}

@@ -268,3 +268,21 @@ where
         self.aux.iter().map(|b| b.read(gpu.stream())).collect()
     }
 }
+
+/// A value for element `i` of a big test buffer, from a hash of `i` and `seed`:
+/// magnitudes over [2^-6, 2^2) (never zero; a binade from three hash bits, the
+/// mantissa from 52 more), both signs. Built from bits: the big tests make
+/// billions of them.
+pub fn hashed(i: u64, seed: u64) -> f64 {
+    let mut z = i.wrapping_add(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let binade = (z >> 61) + 1023 - 6;
+    let mag = f64::from_bits((binade << 52) | ((z >> 8) & ((1u64 << 52) - 1)));
+    if z & 1 == 0 {
+        mag
+    } else {
+        -mag
+    }
+}

@@ -122,6 +122,18 @@ extern "C" __global__ void emutest_divergent_barrier(float* out) {
     out[threadIdx.x] = 1.0f;
 }
 
+// Half of each warp waits at a shuffle for the other half, which waits at a
+// barrier for the first: nobody can proceed.
+extern "C" __global__ void emutest_deadlock(float* out) {
+    float v = (float)threadIdx.x;
+    if (threadIdx.x % 32 < 16) {
+        v = __shfl_down_sync(0xffffffffu, v, 1);
+    } else {
+        __syncthreads();
+    }
+    out[threadIdx.x] = v;
+}
+
 // Lane 5 has left when its warp shuffles with a full mask.
 extern "C" __global__ void emutest_shuffle_exited(float* out) {
     float v = (float)threadIdx.x;
