@@ -203,7 +203,11 @@ impl RowLayout {
     }
 
     /// The crate's CPU view of these rows in `data` (a whole storage).
-    fn logits<'a, T: Element>(&self, data: &'a [T], what: &str) -> crate::Result<Logits<'a, T>> {
+    pub(crate) fn logits<'a, T: Element>(
+        &self,
+        data: &'a [T],
+        what: &str,
+    ) -> crate::Result<Logits<'a, T>> {
         let data = data.get(self.offset..).ok_or_else(|| {
             crate::Error::InvalidArgument(format!(
                 "kl_div: {what} logits start at {} past a storage of {}",

@@ -4,6 +4,9 @@
 //! in candle's idiom: functions on `Tensor`s that return `candle_core::Result`,
 //! and custom ops that take part in candle's autograd.
 //!
+//! * [`TramOptimizer`]: TRAM-θ, TRAM-x, SAM and ASAM as a candle optimizer
+//!   over `Var`s and a `GradStore`, running the crate's step API on the vars'
+//!   own storage ([`optimizer`]).
 //! * [`kl_div`](kl_div::kl_div): the KL divergence between two sets of logits
 //!   (TRAM's trust-region measure) as a candle op with its backward, so it
 //!   also serves as a distillation loss.
@@ -29,7 +32,8 @@
 //! on candle's stream, or a `Vec` on the CPU) and then owns.
 //!
 //! Updating a `Var` in place (what an optimizer step does) is sound under this
-//! contract, which the crate's candle optimizer will follow:
+//! contract, which the crate's candle optimizer ([`optimizer`]) follows on CUDA
+//! (on the CPU it writes through `Tensor::inplace_op1`, which holds the lock):
 //! 1. the write happens while candle's write lock on the var's storage is
 //!    held, as `Var::set` and candle's in-place ops (`Tensor::inplace_op1`,
 //!    which hands out `&mut CudaStorage`) hold it; a launch that writes
@@ -68,8 +72,10 @@
 //! the CUDA toolkit's libraries to link and a driver to start.
 
 pub mod kl_div;
+pub mod optimizer;
 
 pub use kl_div::{kl_div, KlDiv};
+pub use optimizer::{Checkpoint, Method, TramOptimizer};
 
 impl From<crate::Error> for candle_core::Error {
     fn from(e: crate::Error) -> Self {
