@@ -418,7 +418,7 @@ impl KlDiv {
 /// The CUDA side (feature `candle-cuda`): the crate's kernels on candle's
 /// stream, over candle's buffers.
 #[cfg(feature = "candle-cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
 
@@ -437,7 +437,7 @@ mod cuda {
     use crate::{bf16, f16};
 
     /// The crate's backend on a candle device's stream, made once per device.
-    pub(super) fn backend(dev: &CudaDevice) -> crate::Result<Arc<CudaBackend>> {
+    pub(crate) fn backend(dev: &CudaDevice) -> crate::Result<Arc<CudaBackend>> {
         static BACKENDS: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaBackend>>>> = OnceLock::new();
         let map = BACKENDS.get_or_init(Default::default);
         // A panic elsewhere while the lock was held leaves a map that is still whole.

@@ -105,7 +105,10 @@
 //!   which with fresh gradients is every call. A captured CUDA graph cannot
 //!   follow those new addresses: with candle's allocating backward, do not
 //!   capture the optimizer's steps (the crate's step API can be captured
-//!   with persistent gradient buffers; see [`crate::cuda::step`]).
+//!   with persistent gradient buffers; see [`crate::cuda::step`]). The
+//!   optimizer's own state (backups, m, v: `CudaSlice`s; the targets: f32
+//!   candle tensors) lives on the vars' device; the KL workspace grows to the
+//!   largest logit batch seen (the step is rebuilt then, its state carried).
 //!
 //! # Errors
 //! `candle_core::Result`, the crate's [`Error`](crate::Error) wrapped (see
@@ -949,4 +952,505 @@ fn to_tensors(bufs: &[Vec<f32>], vars: &[Var]) -> Result<Vec<Tensor>> {
         .zip(vars)
         .map(|(b, v)| Tensor::from_slice(b, v.shape(), &Device::Cpu).map_err(candle_err))
         .collect()
+}
+
+/// The CUDA half (`candle-cuda`): the crate's CUDA step on candle's stream,
+/// over the vars' and gradients' device memory.
+#[cfg(feature = "candle-cuda")]
+mod cuda {
+    use std::sync::Arc;
+
+    use candle_core::cuda_backend::{CudaDType, CudaDevice};
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaStorage, Storage};
+    use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
+
+    use super::*;
+    use crate::cuda::buffer::{DevMut, DevRef};
+    use crate::cuda::kl_div::DeviceLogits;
+    use crate::cuda::step::{Perturbation, Tensor as DevTensor, TramStep};
+    use crate::cuda::CudaBackend;
+
+    /// An element type of the step API, candle's CUDA storage and cudarc.
+    pub(super) trait Elem: Element + CudaDType + DeviceRepr + ValidAsZeroBits {}
+    impl Elem for f32 {}
+    impl Elem for f16 {}
+    impl Elem for bf16 {}
+
+    pub(super) fn engine(
+        dev: &CudaDevice,
+        vars: &[Var],
+        cfg: TramConfig,
+        dtype: CandleDType,
+    ) -> Result<Box<dyn Engine>> {
+        Ok(match dtype {
+            CandleDType::F32 => Box::new(CudaEngine::<f32>::new(dev, vars, cfg)?),
+            CandleDType::F16 => Box::new(CudaEngine::<f16>::new(dev, vars, cfg)?),
+            CandleDType::BF16 => Box::new(CudaEngine::<bf16>::new(dev, vars, cfg)?),
+            d => {
+                return Err(Error::InvalidArgument(format!(
+                    "vars of dtype {d:?}: the TRAM optimizer takes f32, f16 or bf16"
+                )))
+            }
+        })
+    }
+
+    /// The device address and length of a contiguous CUDA tensor's elements
+    /// of type `T`. The address stays valid while the tensor's storage lives.
+    fn address<T: Elem>(
+        t: &Tensor,
+        stream: &cudarc::driver::CudaStream,
+        what: &str,
+    ) -> Result<(u64, usize)> {
+        let (s, l) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*s else {
+            return Err(Error::InvalidArgument(format!(
+                "{what} is not on a CUDA device"
+            )));
+        };
+        ensure!(l.is_contiguous(), "{what} is not contiguous");
+        let slice = cs.as_cuda_slice::<T>().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "{what} is {:?}, not {}",
+                t.dtype(),
+                T::DTYPE.name()
+            ))
+        })?;
+        let (a, n) = (l.start_offset(), l.shape().elem_count());
+        ensure!(a + n <= slice.len(), "{what} lies past its storage");
+        let (base, _sync) = slice.device_ptr(stream);
+        Ok((base + (a * std::mem::size_of::<T>()) as u64, n))
+    }
+
+    struct CudaEngine<P: Elem> {
+        dev: CudaDevice,
+        backend: Arc<CudaBackend>,
+        step: TramStep<P, P, f32>,
+        /// Logit rows the step's KL workspace holds.
+        rows: usize,
+        backups: Vec<CudaSlice<P>>,
+        m: Vec<CudaSlice<f32>>,
+        v: Vec<CudaSlice<f32>>,
+        /// TRAM-θ's targets: f32 candle tensors of storage of their own.
+        targets: Vec<Tensor>,
+    }
+
+    /// A description over raw addresses (vars, gradients, targets) and the
+    /// engine's own buffers.
+    ///
+    /// # Safety
+    /// Every address is that of live device memory of the backend's context
+    /// holding the given number of elements, which stays allocated until the
+    /// launches that use it have run (candle frees in stream order, or after
+    /// synchronising the stream the launches go on), and which nothing else
+    /// writes while they run (the module's contract).
+    unsafe fn describe<'a, P: Elem>(
+        params: &[(u64, usize)],
+        grads: &[Option<(u64, usize)>],
+        backups: &'a mut [CudaSlice<P>],
+        m: &'a mut [CudaSlice<f32>],
+        v: &'a mut [CudaSlice<f32>],
+        targets: &[(u64, usize)],
+        decay: &[bool],
+    ) -> Vec<DevTensor<'a, P>> {
+        let mut m = m.iter_mut();
+        let mut v = v.iter_mut();
+        let mut x = targets.iter();
+        params
+            .iter()
+            .zip(backups.iter_mut())
+            .zip(grads.iter().zip(decay))
+            .map(|((&(p, n), b), (g, &d))| DevTensor {
+                // SAFETY: the caller's contract.
+                param: unsafe { DevMut::from_raw(p, n) },
+                // SAFETY: as above; read only.
+                grad: g.map(|(g, n)| unsafe { DevRef::from_raw(g, n) }),
+                perturbation: Perturbation::Backup(DevMut::new(b)),
+                m: m.next().map(DevMut::new),
+                v: v.next().map(DevMut::new),
+                // SAFETY: as above.
+                target: x.next().map(|&(t, n)| unsafe { DevMut::from_raw(t, n) }),
+                weight_decay: d,
+            })
+            .collect()
+    }
+
+    impl<P: Elem> CudaEngine<P> {
+        fn new(dev: &CudaDevice, vars: &[Var], cfg: TramConfig) -> Result<Self> {
+            let backend = crate::candle::kl_div::cuda::backend(dev)?;
+            let zeros = |on: bool| -> Result<Vec<CudaSlice<f32>>> {
+                if !on {
+                    return Ok(Vec::new());
+                }
+                vars.iter()
+                    .map(|v| dev.alloc_zeros::<f32>(v.elem_count()).map_err(candle_err))
+                    .collect()
+            };
+            let backups = vars
+                .iter()
+                .map(|v| dev.alloc_zeros::<P>(v.elem_count()).map_err(candle_err))
+                .collect::<Result<Vec<_>>>()?;
+            let targets = match cfg.variant {
+                TramVariant::Theta { .. } => vars
+                    .iter()
+                    .map(|v| {
+                        v.to_dtype(CandleDType::F32)
+                            .and_then(|t| t.copy())
+                            .map(|t| t.detach())
+                            .map_err(candle_err)
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+                TramVariant::X { .. } => Vec::new(),
+            };
+            // The step is built over scratch state buffers; the real ones
+            // are described at every call.
+            Ok(Self {
+                dev: dev.clone(),
+                step: Self::build(&backend, cfg, vars, &targets, 1, None)?,
+                backend,
+                rows: 1,
+                backups,
+                m: zeros(cfg.optimizer.uses_m())?,
+                v: zeros(cfg.optimizer.uses_v())?,
+                targets,
+            })
+        }
+
+        /// A step for `rows` logit rows, carrying `from`'s state.
+        fn build(
+            backend: &CudaBackend,
+            cfg: TramConfig,
+            vars: &[Var],
+            targets: &[Tensor],
+            rows: usize,
+            from: Option<(&TramStep<P, P, f32>, TramState)>,
+        ) -> Result<TramStep<P, P, f32>> {
+            let s = backend.stream();
+            let params = vars
+                .iter()
+                .enumerate()
+                .map(|(i, v)| address::<P>(v.as_tensor(), s, &format!("var {i}")))
+                .collect::<Result<Vec<_>>>()?;
+            let tg = targets
+                .iter()
+                .map(|t| address::<f32>(t, s, "a target"))
+                .collect::<Result<Vec<_>>>()?;
+            let n = |on: bool| if on { vars.len() } else { 0 };
+            // Building launches nothing: scratch state buffers of the right
+            // lengths serve the description.
+            let alloc = |k: usize| -> Result<Vec<CudaSlice<f32>>> {
+                vars.iter()
+                    .take(k)
+                    .map(|v| s.alloc_zeros::<f32>(v.elem_count()).map_err(Error::from))
+                    .collect()
+            };
+            let mut b = vars
+                .iter()
+                .map(|v| s.alloc_zeros::<P>(v.elem_count()).map_err(Error::from))
+                .collect::<Result<Vec<_>>>()?;
+            let (mut m, mut v) = (
+                alloc(n(cfg.optimizer.uses_m()))?,
+                alloc(n(cfg.optimizer.uses_v()))?,
+            );
+            let none = vec![None; vars.len()];
+            let decay = vec![true; vars.len()];
+            // SAFETY: nothing is launched while building; the addresses are
+            // those of live storage (vars, targets) and of the buffers above.
+            let t = unsafe { describe(&params, &none, &mut b, &mut m, &mut v, &tg, &decay) };
+            let cfg = match from {
+                Some((_, st)) => TramConfig {
+                    lr: st.lr,
+                    delta: st.delta,
+                    ..cfg
+                },
+                None => cfg,
+            };
+            let mut step = TramStep::new(backend, cfg, &t, rows)?;
+            if let Some((old, st)) = from {
+                step.set_state(&st)?;
+                step.set_has_grad(old.has_grad())?;
+            }
+            Ok(step)
+        }
+
+        /// Runs `f` with this call's description.
+        fn call(
+            &mut self,
+            vars: &[Var],
+            decay: &[bool],
+            grads: &Grads,
+            f: impl FnOnce(&mut TramStep<P, P, f32>, &mut [DevTensor<'_, P>]) -> Result<()>,
+        ) -> Result<()> {
+            let s = self.backend.stream();
+            let params = vars
+                .iter()
+                .enumerate()
+                .map(|(i, v)| address::<P>(v.as_tensor(), s, &format!("var {i}")))
+                .collect::<Result<Vec<_>>>()?;
+            let gs = grads
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    g.as_ref()
+                        .map(|g| address::<P>(g, s, &format!("the gradient of var {i}")))
+                        .transpose()
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let tg = self
+                .targets
+                .iter()
+                .map(|t| address::<f32>(t, s, "a target"))
+                .collect::<Result<Vec<_>>>()?;
+            // SAFETY: the vars, the gradients (held by `grads`) and the
+            // targets are live candle storage on this backend's stream, kept
+            // for the call; their launches are queued on that stream, before
+            // anything candle does with them later.
+            let mut t = unsafe {
+                describe(
+                    &params,
+                    &gs,
+                    &mut self.backups,
+                    &mut self.m,
+                    &mut self.v,
+                    &tg,
+                    decay,
+                )
+            };
+            f(&mut self.step, &mut t)
+        }
+
+        fn first_kl<L: Elem>(
+            &mut self,
+            vars: &[Var],
+            decay: &[bool],
+            grads: &Grads,
+            a: &Tensor,
+            b: &Tensor,
+        ) -> Result<()> {
+            ensure!(
+                a.dims() == b.dims(),
+                "target logits are {:?} but model logits are {:?}",
+                a.dims(),
+                b.dims()
+            );
+            let (ta, tb) = (
+                RowLayout::of(a.layout(), "target")?,
+                RowLayout::of(b.layout(), "model")?,
+            );
+            if ta.rows > self.rows {
+                let st = Tram::state(&self.step)?;
+                let cfg = *Tram::config(&self.step);
+                self.step = Self::build(
+                    &self.backend,
+                    cfg,
+                    vars,
+                    &self.targets,
+                    ta.rows,
+                    Some((&self.step, st)),
+                )?;
+                self.rows = ta.rows;
+            }
+            let (ga, gb) = (a.storage_and_layout().0, b.storage_and_layout().0);
+            let sa = cuda_slice::<L>(&ga, "target logits")?;
+            let sb = cuda_slice::<L>(&gb, "model logits")?;
+            let (la, lb) = (view(sa, &ta, "target")?, view(sb, &tb, "model")?);
+            self.call(vars, decay, grads, |step, t| {
+                step.first_step(t, &la, &lb, None)
+            })
+        }
+    }
+
+    /// The crate's device view of the rows `l` of the logits in `s`.
+    fn view<'a, L: Elem>(
+        s: &'a CudaSlice<L>,
+        l: &RowLayout,
+        what: &str,
+    ) -> Result<DeviceLogits<'a, L>> {
+        let v = s.try_slice(l.offset..).ok_or_else(|| {
+            Error::InvalidArgument(format!("{what} logits lie past their storage"))
+        })?;
+        DeviceLogits::new(v, l.rows, l.vocab, l.row_stride)
+    }
+
+    fn cuda_slice<'g, T: Elem>(s: &'g Storage, what: &str) -> Result<&'g CudaSlice<T>> {
+        let Storage::Cuda(cs) = s else {
+            return Err(Error::InvalidArgument(format!(
+                "{what} are not on a CUDA device"
+            )));
+        };
+        cs.as_cuda_slice::<T>().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "{what} are {:?}; the logits' dtype must be f32, f16 or bf16, the same for both",
+                cs.dtype()
+            ))
+        })
+    }
+
+    impl<P: Elem> Engine for CudaEngine<P> {
+        fn first(
+            &mut self,
+            vars: &[Var],
+            decay: &[bool],
+            grads: &Grads,
+            logits: Option<(&Tensor, &Tensor)>,
+            rho: Option<f32>,
+        ) -> Result<()> {
+            let has: Vec<bool> = grads.iter().map(Option::is_some).collect();
+            self.step.set_has_grad(&has)?;
+            match (logits, rho) {
+                (_, Some(rho)) => {
+                    self.call(vars, decay, grads, |step, t| step.first_step_fixed(t, rho))?
+                }
+                (Some((a, b)), None) => {
+                    ensure!(
+                        a.dtype() == b.dtype(),
+                        "target logits are {:?} but model logits are {:?}",
+                        a.dtype(),
+                        b.dtype()
+                    );
+                    match a.dtype() {
+                        CandleDType::F32 => self.first_kl::<f32>(vars, decay, grads, a, b)?,
+                        CandleDType::F16 => self.first_kl::<f16>(vars, decay, grads, a, b)?,
+                        CandleDType::BF16 => self.first_kl::<bf16>(vars, decay, grads, a, b)?,
+                        d => {
+                            return Err(Error::InvalidArgument(format!(
+                                "logits of dtype {d:?}; the KL takes f32, f16 or bf16"
+                            )))
+                        }
+                    }
+                }
+                (None, None) => return Err(Error::InvalidArgument("no logits".into())),
+            }
+            Ok(())
+        }
+
+        fn second(&mut self, vars: &[Var], decay: &[bool], grads: &Grads) -> Result<()> {
+            self.call(vars, decay, grads, |step, t| step.second_step(t))
+        }
+
+        fn base(&mut self, vars: &[Var], decay: &[bool], grads: &Grads) -> Result<()> {
+            let has: Vec<bool> = grads.iter().map(Option::is_some).collect();
+            self.step.set_has_grad(&has)?;
+            self.call(vars, decay, grads, |step, t| step.base_step(t))
+        }
+
+        fn noise(&mut self, x: &Tensor) -> Result<Tensor> {
+            fn run<L: Elem>(
+                step: &mut TramStep<impl Elem, impl Elem, f32>,
+                dev: &CudaDevice,
+                x: &Tensor,
+            ) -> Result<Tensor> {
+                let s = step.backend().stream().clone();
+                let (p, n) = address::<L>(x, &s, "the noise input")?;
+                let mut out = dev.alloc_zeros::<L>(n).map_err(candle_err)?;
+                // SAFETY: x's storage is live device memory of n elements on
+                // this stream, read by a launch queued before anything else.
+                let input = unsafe { DevRef::from_raw(p, n) };
+                step.noise(&input, &mut DevMut::new(&mut out))?;
+                let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+                Ok(Tensor::from_storage(
+                    storage,
+                    x.shape().clone(),
+                    BackpropOp::none(),
+                    false,
+                ))
+            }
+            match x.dtype() {
+                CandleDType::F32 => run::<f32>(&mut self.step, &self.dev, x),
+                CandleDType::F16 => run::<f16>(&mut self.step, &self.dev, x),
+                CandleDType::BF16 => run::<bf16>(&mut self.step, &self.dev, x),
+                d => Err(Error::InvalidArgument(format!(
+                    "noise input of dtype {d:?}; it takes f32, f16 or bf16"
+                ))),
+            }
+        }
+
+        fn targets(&self, _vars: &[Var]) -> Result<Vec<Tensor>> {
+            Ok(self.targets.clone())
+        }
+
+        fn checkpoint(&self, vars: &[Var]) -> Result<Checkpoint> {
+            let s = self.backend.stream();
+            let copy = |bufs: &[CudaSlice<f32>]| -> Result<Vec<Tensor>> {
+                bufs.iter()
+                    .zip(vars)
+                    .map(|(b, v)| {
+                        let mut out = self.dev.alloc_zeros::<f32>(b.len()).map_err(candle_err)?;
+                        s.memcpy_dtod(b, &mut out)?;
+                        let st = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, self.dev.clone()));
+                        Ok(Tensor::from_storage(
+                            st,
+                            v.shape().clone(),
+                            BackpropOp::none(),
+                            false,
+                        ))
+                    })
+                    .collect()
+            };
+            Ok(Checkpoint {
+                state: Tram::state(&self.step)?,
+                m: copy(&self.m)?,
+                v: copy(&self.v)?,
+                targets: self
+                    .targets
+                    .iter()
+                    .map(|t| t.copy().map(|t| t.detach()).map_err(candle_err))
+                    .collect::<Result<_>>()?,
+            })
+        }
+
+        fn resume(&mut self, c: &Checkpoint) -> Result<()> {
+            let lens = |b: &[CudaSlice<f32>]| b.iter().map(|b| b.len()).collect::<Vec<_>>();
+            let tl: Vec<usize> = self.targets.iter().map(|t| t.elem_count()).collect();
+            let mut staged = Vec::new();
+            for (name, mine, theirs) in [
+                ("m", lens(&self.m), &c.m),
+                ("v", lens(&self.v), &c.v),
+                ("targets", tl, &c.targets),
+            ] {
+                ensure!(
+                    mine.len() == theirs.len(),
+                    "the checkpoint has {} {name} tensors, this optimizer {}",
+                    theirs.len(),
+                    mine.len()
+                );
+                let mut host = Vec::with_capacity(mine.len());
+                for (i, (&n, t)) in mine.iter().zip(theirs).enumerate() {
+                    ensure!(
+                        t.dtype() == CandleDType::F32 && t.elem_count() == n,
+                        "checkpoint {name} {i}: {:?} of {} elements, expected f32 of {n}",
+                        t.dtype(),
+                        t.elem_count()
+                    );
+                    host.push(
+                        t.flatten_all()
+                            .and_then(|t| t.to_vec1::<f32>())
+                            .map_err(candle_err)?,
+                    );
+                }
+                staged.push(host);
+            }
+            Tram::set_state(&mut self.step, &c.state)?;
+            let s = self.backend.stream();
+            for (dst, src) in self.m.iter_mut().zip(&staged[0]) {
+                s.memcpy_htod(src, dst)?;
+            }
+            for (dst, src) in self.v.iter_mut().zip(&staged[1]) {
+                s.memcpy_htod(src, dst)?;
+            }
+            let dev = Device::Cuda(self.dev.clone());
+            for (dst, src) in self.targets.iter_mut().zip(&staged[2]) {
+                *dst = Tensor::from_slice(src, dst.shape(), &dev).map_err(candle_err)?;
+            }
+            Ok(())
+        }
+
+        fn tram(&mut self) -> &mut dyn TramValues {
+            &mut self.step
+        }
+
+        fn tram_ref(&self) -> &dyn TramValues {
+            &self.step
+        }
+    }
 }
