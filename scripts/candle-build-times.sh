@@ -5,9 +5,10 @@
 #
 #   1. the plain part: cargo clippy --all-targets --release, then
 #      cargo test --release --no-run (the baseline the candle step builds on);
-#   2. the candle step of .ci/run: clippy with --features candle, the build of
-#      the candle test, the doctests and the example;
-#   3. cargo check --all-targets --features candle-cuda, CUDA_COMPUTE_CAP=90,
+#   2. the candle step of .ci/run, as it runs there: clippy with --features
+#      candle, the candle tests (build and run), the doctests and the short
+#      example run;
+#   3. cargo clippy --all-targets --features candle-cuda, CUDA_COMPUTE_CAP=90,
 #      with cargo's --timings to split out candle-kernels' build script (nvcc
 #      compiling candle's own kernels).
 #
@@ -55,22 +56,22 @@ echo "== 2. the candle step (after 1, same target directory)"
 t0=$SECONDS
 timed "cargo clippy --all-targets --release --features candle" \
     cargo clippy --all-targets --release --features candle --target-dir "$target" -- -D warnings
-timed "cargo test --release --features candle --test candle_kl_div --no-run" \
-    cargo test --release --features candle --test candle_kl_div --no-run --target-dir "$target"
+timed "cargo test --release --features candle --test candle_kl_div --test candle_optimizer" \
+    cargo test --release --features candle --test candle_kl_div --test candle_optimizer --target-dir "$target"
 timed "cargo test --release --features candle --doc" \
     cargo test --release --features candle --doc --target-dir "$target"
-timed "cargo build --release --features candle --example candle_shift" \
-    cargo build --release --features candle --example candle_shift --target-dir "$target"
+timed "cargo run --release --features candle --example candle_shift -- --steps 20 --seeds 1" \
+    cargo run --release --features candle --example candle_shift --target-dir "$target" -- --steps 20 --seeds 1
 echo "candle step in all: $((SECONDS - t0)) s"
 echo "packages in the dependency tree (cargo tree -e normal): $(
     cargo tree --features candle -e normal --prefix none | sed "s/ (\*)//" | sort -u | wc -l) with candle, $(
     cargo tree -e normal --prefix none | sed "s/ (\*)//" | sort -u | wc -l) without"
 
 echo
-echo "== 3. cargo check --all-targets --features candle-cuda (after 2, same target directory)"
-timed "CUDA_COMPUTE_CAP=90 cargo check --all-targets --features candle-cuda" \
+echo "== 3. cargo clippy --all-targets --features candle-cuda (after 2, same target directory)"
+timed "CUDA_COMPUTE_CAP=90 cargo clippy --all-targets --features candle-cuda" \
     env PATH="$(dirname "$NVCC"):$PATH" CUDA_COMPUTE_CAP=90 \
-    cargo check --all-targets --features candle-cuda --timings --target-dir "$target"
+    cargo clippy --all-targets --features candle-cuda --timings --target-dir "$target" -- -D warnings
 python3 - "$target" <<'EOF'
 import glob, json, re, sys
 html = open(sorted(glob.glob(sys.argv[1] + "/cargo-timings/cargo-timing-*.html"))[-1]).read()
