@@ -5,7 +5,7 @@
 //! medium (292 tensors, 355M: the step-level figure's model, a bf16 target
 //! following the f32 master weights).
 //!
-//! Bytes per element as in byte-budgets.md: θ̄ read and written, θ read once:
+//! Bytes per element as in the crate docs' memory-traffic table: θ̄ read and written, θ read once:
 //! 12 for f32, 6 for bf16 θ̄ and θ, 8 for a bf16 θ̄ of f32 θ. Dtype tags name
 //! the target first: `bf16-f32` is a bf16 θ̄ following f32 θ.
 //!

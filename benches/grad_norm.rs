@@ -1,7 +1,7 @@
 //! Global gradient norm over a group: the CPU reference on 64 Mi elements (the
 //! size of the numpy `np.linalg.norm` baseline), and with a GPU the multi-tensor
 //! kernel on an XLM-R base-like group of 199 tensors (~1 GiB of f32 gradients).
-//! Bytes as in byte-budgets.md: the gradient read once (SAM, Fisher), plus θ
+//! Bytes as in the crate docs' memory-traffic table: the gradient read once (SAM, Fisher), plus θ
 //! for the adaptive geometry.
 
 mod common;

@@ -2,7 +2,7 @@
 //! baseline's shape), and with a GPU the fused kernel on 64 × 1,048,576 (few
 //! long rows), 16,384 × 32,000 (many short rows), 16 × 250,002 (XLM-R's
 //! vocabulary) and 4,096 × 50,257 (8 × 512 tokens of GPT-2's vocabulary, the
-//! step-level figure). Bytes as in byte-budgets.md, per logit: loss = both
+//! step-level figure). Bytes per logit, as in the crate docs' memory-traffic table: loss = both
 //! inputs read once (8 f32, 4 bf16); loss + gradient of the model logits =
 //! both read twice and one written (20 f32, 10 bf16).
 //!

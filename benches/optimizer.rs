@@ -2,7 +2,7 @@
 //! θ, m, v out: 28 B/param for f32) against a restore followed by a separate
 //! AdamW update (8 + 28 = 36 B/param), and with TRAM-θ's EMA target fused in
 //! (+8 B) against the same update followed by the EMA launch (+12 B). Byte
-//! counts per /work/shared/notes/byte-budgets.md; the throughput criterion
+//! counts as in the crate docs' memory-traffic table; the throughput criterion
 //! reports is those bytes over the measured time.
 //!
 //! AMP's found-inf check that a TRAM step runs before its update reads every

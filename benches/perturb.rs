@@ -1,7 +1,7 @@
 //! Perturbation θ ← θ + ε (in place with a backup, from master weights, out of
 //! place) and restore. CPU reference on 64 Mi elements; with a GPU the kernels
 //! on an XLM-R base-like group of 199 tensors (~1 GiB of f32 parameters).
-//! Bytes as in byte-budgets.md, per element: in place 16 (θ, g read; θ + ε,
+//! Bytes per element, as in the crate docs' memory-traffic table: in place 16 (θ, g read; θ + ε,
 //! backup written), with the norm first 20, master weights 10 (f32 master and
 //! grad read, bf16 θ + ε written), out of place 12, restore 8 (f32) or 4 (bf16).
 

@@ -11,7 +11,7 @@
 //!   norm     the global gradient norm (4 B/param)
 //!   perturb  bf16 θ + ε from the f32 master and gradient (10 B/param)
 //!   restore  none on the master path: the update rewrites bf16 θ from the
-//!            master (byte-budgets.md). What `TramStep::second_step` (TRAM-x)
+//!            master (the crate docs' memory-traffic table). What `TramStep::second_step` (TRAM-x)
 //!            launches beyond the base update is the one-thread noise-step
 //!            counter; that launch is timed as this stage.
 //! and their sum; then, as cross-checks, `first_step` and both variants'
@@ -100,7 +100,7 @@ fn time_ms(gpu: &CudaBackend, mut f: impl FnMut()) -> f64 {
     t[REPS / 2]
 }
 
-/// One machine-readable line; `bytes` is the stage's floor (byte-budgets.md).
+/// One machine-readable line; `bytes` is the stage's floor (the crate docs' memory-traffic table).
 fn report(key: &str, ms: f64, bytes: Option<usize>, what: &str) {
     let gbps = bytes.map_or(String::new(), |b| {
         format!(" gbps={:.0}", b as f64 / (ms * 1e-3) / 1e9)

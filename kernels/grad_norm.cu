@@ -114,13 +114,14 @@ __device__ __forceinline__ double norm_term_f64(float theta, float g, float s, f
 }
 
 // The slow pass: the sum of every term of the group in f64, by one block in a
-// fixed order (result in thread 0). Out of line and not unrolled: it must not
-// raise the register count of the kernel's common path.
+// fixed order, written to the state by thread 0. Out of line and not
+// unrolled, and the kernel's last act, with its inputs re-read from shared
+// memory and parameters: little of the common path is live across the call.
+// (ptxas still spills 4 bytes around it in grad_norm_bf16_bf16 on sm_90.)
 template <typename T, typename G, int GEOM>
-__device__ __noinline__ double grad_norm_f64(const MtTensor* tensors, const MtChunk* chunks, uint32_t n,
-                                             uint32_t theta_slot, float eta, float s_arg,
-                                             const float* s_dev, double* scratch) {
-    const float s = s_dev != nullptr ? *s_dev : s_arg;
+__device__ __noinline__ void grad_norm_f64(const MtTensor* tensors, const MtChunk* chunks, uint32_t n,
+                                           uint32_t theta_slot, float eta, float s, double* scratch,
+                                           NormState* state) {
     double acc = 0.0;
 #pragma unroll 1
     for (uint32_t c = 0; c < n; ++c) {
@@ -134,7 +135,11 @@ __device__ __noinline__ double grad_norm_f64(const MtTensor* tensors, const MtCh
             acc += norm_term_f64<GEOM>(theta, to_f32(g[i]), s, eta);
         }
     }
-    return mt_block_sum(acc, scratch);
+    acc = mt_block_sum(acc, scratch);
+    if (threadIdx.x == 0) {
+        state->sum_sq = acc;
+        state->norm = sqrt(acc);
+    }
 }
 
 // theta_slot: where θ is read for the adaptive geometry (the params, or the
@@ -191,24 +196,23 @@ __device__ void grad_norm(const MtTensor* tensors, const MtChunk* chunks, const 
     // (Through shared memory, so nothing is kept in registers across the call.)
     __shared__ double s_total;
     __shared__ bool slow;
+    __shared__ float s_scale;
     if (threadIdx.x == 0) {
         s_total = total;
+        s_scale = inv_scale;
         slow = !isfinite(total) && flags == 0.0;
         state->found_inf = flags > 0.0 ? 1u : 0u;
         *counter = 0u;  // ready for the next launch
     }
     __syncthreads();
     if (slow) {
-        double t;
         if (geometry == TRAM_GEOMETRY_ADAPTIVE)
-            t = grad_norm_f64<T, G, TRAM_GEOMETRY_ADAPTIVE>(tensors, chunks, n, theta_slot, eta, inv_scale_arg, inv_scale_dev, scratch);
+            grad_norm_f64<T, G, TRAM_GEOMETRY_ADAPTIVE>(tensors, chunks, *n_chunks, theta_slot, eta, s_scale, scratch, state);
         else if (geometry == TRAM_GEOMETRY_FISHER)
-            t = grad_norm_f64<T, G, TRAM_GEOMETRY_FISHER>(tensors, chunks, n, theta_slot, eta, inv_scale_arg, inv_scale_dev, scratch);
+            grad_norm_f64<T, G, TRAM_GEOMETRY_FISHER>(tensors, chunks, *n_chunks, theta_slot, eta, s_scale, scratch, state);
         else
-            t = grad_norm_f64<T, G, TRAM_GEOMETRY_SAM>(tensors, chunks, n, theta_slot, eta, inv_scale_arg, inv_scale_dev, scratch);
-        if (threadIdx.x == 0) s_total = t;
-    }
-    if (threadIdx.x == 0) {
+            grad_norm_f64<T, G, TRAM_GEOMETRY_SAM>(tensors, chunks, *n_chunks, theta_slot, eta, s_scale, scratch, state);
+    } else if (threadIdx.x == 0) {
         state->sum_sq = s_total;
         state->norm = sqrt(s_total);
     }

@@ -3,7 +3,7 @@
 // same kernels with a and b swapped by the launcher; symmetric keeps both sides.
 //
 // The loss is one pass over each input with the mergeable centred partials of
-// shared/notes/kl-numerics.md: per side (a, and b when symmetric) a running max
+// src/cpu/kl_div.rs's module docs: per side (a, and b when symmetric) a running max
 // M, a reference c (the logit difference at the argmax, in raw logit units),
 // and S = sum w, A = sum w x, B = sum w phi(x) with w = e^(s - M), x = d - c
 // (scaled by 1/tau) and phi(x) = expm1(-x) + x. Threads accumulate in f32 (the

@@ -7,7 +7,7 @@
 
     python3 baselines_numpy.py [norm] [copy] [kl]      (default: all three)
 
-Bytes are counted as the crate's benches count them (shared/notes/byte-budgets.md),
+Bytes are counted as the crate's benches count them (the crate docs' memory-traffic table, src/lib.rs),
 so GB/s here and there compare directly. Run it with OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE unset (they slow a current numpy); the BLAS kernel in use is
 printed. Output lines for scripts/results.py:

@@ -247,7 +247,7 @@ def phi(x):
 
 
 def kl_oracle(a, b):
-    """KL(P||Q) per row in f64, centred on the P-mean of d = a - b (kl-numerics.md)."""
+    """KL(P||Q) per row in f64, centred on the P-mean of d = a - b (src/cpu/kl_div.rs)."""
     a, b = a.double(), b.double()
     p = torch.softmax(a, -1)
     d = a - b

@@ -9,7 +9,7 @@
 
 Criterion reports "time: [lo mid hi]" and "thrpt: [lo mid hi]" per benchmark id;
 the middle value (criterion's point estimate) is used. Throughput is the byte
-count of shared/notes/byte-budgets.md over that time, shown in GB/s (10^9).
+count of the crate docs' memory-traffic table (src/lib.rs) over that time, shown in GB/s (10^9).
 
     python3 scripts/results.py [--out BENCHMARKS.md]
 """
@@ -168,7 +168,7 @@ def cpu_section(path):
     lines += [
         f"Copy bandwidth (the 100% line): the fastest copy of the run, {copy_id} at "
         f"{fmt_gbps(copy) if copy else '?'} GB/s, bytes read + written. "
-        "Bytes per element are the floors of shared/notes/byte-budgets.md; numpy baselines "
+        "Bytes per element are the floors of the crate docs' memory-traffic table (src/lib.rs); numpy baselines "
         "count the same bytes, so a GB/s ratio is a time ratio.",
         "",
     ]

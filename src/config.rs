@@ -14,9 +14,19 @@
 /// and the perturbation is `ε = ρ·w/(N + 1e-12)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Geometry {
+    /// SAM: the plain gradient direction, normalised by its L2 norm.
     Sam,
-    Adaptive { eta: f32 },
-    Fisher { eta: f32 },
+    /// ASAM: the gradient scaled element-wise by (|θ|+η), which makes the
+    /// neighbourhood invariant to rescaling the weights.
+    Adaptive {
+        /// η > 0 keeps weights near zero in the neighbourhood; finite and ≥ 0.
+        eta: f32,
+    },
+    /// A diagonal-Fisher weighting: each gradient term damped by 1/(1+η·g'²).
+    Fisher {
+        /// The damping η; finite and ≥ 0 (η = 0 is SAM's norm and direction).
+        eta: f32,
+    },
 }
 
 impl Geometry {
@@ -47,7 +57,10 @@ pub enum Radius {
     /// A fixed ρ (plain SAM).
     Fixed(f32),
     /// ρ = δ·d, with d the trust-region divergence (a device scalar on the GPU).
-    TrustRegion { delta: f32 },
+    TrustRegion {
+        /// The scale δ; finite and ≥ 0.
+        delta: f32,
+    },
 }
 
 /// What a perturbation did, as a bit set. The GPU writes it to a device word
@@ -76,12 +89,16 @@ impl PerturbStatus {
     /// infinite in θ do not set it.
     pub const OVERFLOW: u32 = 1 << 5;
 
+    /// ε was added to θ ([`PerturbStatus::APPLIED`]).
     pub const fn applied(self) -> bool {
         self.0 & Self::APPLIED != 0
     }
+    /// The norm was zero, so θ was left as it was ([`PerturbStatus::ZERO_NORM`]).
     pub const fn zero_norm(self) -> bool {
         self.0 & Self::ZERO_NORM != 0
     }
+    /// A gradient was inf or NaN and θ was left as it was
+    /// ([`PerturbStatus::NONFINITE_GRAD`]; GradScaler's `found_inf`).
     pub const fn found_inf(self) -> bool {
         self.0 & Self::NONFINITE_GRAD != 0
     }
@@ -89,6 +106,8 @@ impl PerturbStatus {
     pub const fn overflow(self) -> bool {
         self.0 & Self::OVERFLOW != 0
     }
+    /// The radius was inf, NaN or negative and θ was left as it was
+    /// ([`PerturbStatus::NONFINITE_RADIUS`] or [`PerturbStatus::NEGATIVE_RADIUS`]).
     pub const fn bad_radius(self) -> bool {
         self.0 & (Self::NONFINITE_RADIUS | Self::NEGATIVE_RADIUS) != 0
     }
@@ -122,7 +141,9 @@ pub enum Reduction {
 /// Options of the KL divergence over logits.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct KlOptions {
+    /// Which divergence: KL(P‖Q), KL(Q‖P) or their sum. Default: forward.
     pub direction: KlDirection,
+    /// How per-row values become the scalar d. Default: [`Reduction::MeanRows`].
     pub reduction: Reduction,
     /// Both logit sets are divided by τ before the softmax; must be > 0 and finite.
     pub temperature: f32,
@@ -148,17 +169,27 @@ pub enum BaseOptimizer {
     /// θ ← θ·(1 − lr·λ); m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
     /// θ ← θ − lr/(1−β1ᵗ) · m / (sqrt(v)/sqrt(1−β2ᵗ) + eps).
     AdamW {
+        /// β1, the first moment's decay; in [0, 1) (torch: 0.9).
         beta1: f32,
+        /// β2, the second moment's decay; in [0, 1) (torch: 0.999).
         beta2: f32,
+        /// Added to the bias-corrected sqrt(v); finite and ≥ 0 (torch: 1e-8).
         eps: f32,
+        /// Decoupled weight decay λ, applied as θ·(1 − lr·λ) to the tensors
+        /// that opt in; finite and ≥ 0.
         weight_decay: f32,
     },
     /// g ← g + λ·θ; buf ← g on the first step, else μ·buf + (1−dampening)·g;
     /// g ← g + μ·buf (Nesterov) or buf; θ ← θ − lr·g. Momentum 0 keeps no buffer.
     Sgd {
+        /// μ; finite and ≥ 0. 0 keeps no momentum buffer.
         momentum: f32,
+        /// Scales the new gradient in the buffer by (1 − dampening); finite.
         dampening: f32,
+        /// L2 weight decay λ, added to the gradient as λ·θ (torch's coupled
+        /// form) for the tensors that opt in; finite and ≥ 0.
         weight_decay: f32,
+        /// Nesterov momentum; needs momentum > 0 and dampening = 0.
         nesterov: bool,
     },
 }
@@ -175,6 +206,12 @@ impl BaseOptimizer {
     }
 
     /// Checks the ranges PyTorch checks, and β in [0, 1).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming the
+    /// field: β outside [0, 1), eps or a weight decay negative or not finite,
+    /// a momentum negative or not finite, a dampening not finite, or Nesterov
+    /// without momentum > 0 and dampening = 0.
     pub fn validate(&self) -> crate::Result<()> {
         use crate::error::ensure;
         match *self {
@@ -243,6 +280,9 @@ impl BaseOptimizer {
 }
 
 /// Checks a learning rate: finite and >= 0, as PyTorch requires.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument) otherwise.
 pub fn validate_lr(lr: f32) -> crate::Result<()> {
     crate::error::ensure!(
         lr.is_finite() && lr >= 0.0,
@@ -252,6 +292,9 @@ pub fn validate_lr(lr: f32) -> crate::Result<()> {
 }
 
 /// Checks a trust-region scale δ: finite and >= 0.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument) otherwise.
 pub fn validate_delta(delta: f32) -> crate::Result<()> {
     crate::error::ensure!(
         delta.is_finite() && delta >= 0.0,
@@ -262,6 +305,9 @@ pub fn validate_delta(delta: f32) -> crate::Result<()> {
 
 /// Checks an inverse loss scale s (gradients are unscaled as s·g): finite
 /// and > 0.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument) otherwise.
 pub fn validate_inv_scale(inv_scale: f32) -> crate::Result<()> {
     crate::error::ensure!(
         inv_scale.is_finite() && inv_scale > 0.0,
@@ -344,6 +390,10 @@ impl StepCounter {
 
     /// Checks a counter set from outside (a checkpoint): the powers finite
     /// and in [0, 1].
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a power
+    /// outside [0, 1] or NaN.
     pub fn validate(&self) -> crate::Result<()> {
         crate::error::ensure!(
             (0.0..=1.0).contains(&self.beta1_pow) && (0.0..=1.0).contains(&self.beta2_pow),
@@ -367,6 +417,7 @@ pub enum NoiseDistribution {
 /// TRAM-x noise: distribution, scale σ and the generator's seed.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct NoiseConfig {
+    /// Uniform or Gaussian.
     pub distribution: NoiseDistribution,
     /// Must be finite and >= 0.
     pub sigma: f32,
@@ -375,7 +426,10 @@ pub struct NoiseConfig {
 }
 
 impl NoiseConfig {
-    /// σ must be finite and >= 0.
+    /// Checks σ: finite and >= 0.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) otherwise.
     pub fn validate(&self) -> crate::Result<()> {
         let s = self.sigma;
         crate::error::ensure!(
@@ -392,9 +446,15 @@ pub enum TramVariant {
     /// TRAM-θ: a target model whose weights θ̄ follow θ̄ ← λ·θ̄ + (1−λ)·θ after
     /// every update (λ = 0: the previous step's weights; λ = 1: frozen, e.g.
     /// the pre-trained weights). Needs target buffers.
-    Theta { lambda: f32 },
+    Theta {
+        /// The EMA's decay λ, in [0, 1].
+        lambda: f32,
+    },
     /// TRAM-x: the same model on noised embeddings e + z.
-    X { noise: NoiseConfig },
+    X {
+        /// The noise added to the embeddings for the target's forward.
+        noise: NoiseConfig,
+    },
 }
 
 /// Everything a TRAM step is configured with; validated by [`TramConfig::validate`]
@@ -403,9 +463,13 @@ pub enum TramVariant {
 pub struct TramConfig {
     /// ρ = δ·d: finite and >= 0.
     pub delta: f32,
+    /// The neighbourhood's geometry (SAM, adaptive or Fisher).
     pub geometry: Geometry,
+    /// How d is measured: direction, reduction and temperature.
     pub kl: KlOptions,
+    /// TRAM-θ (an EMA target model) or TRAM-x (noised embeddings).
     pub variant: TramVariant,
+    /// The update of the second step: AdamW or SGD.
     pub optimizer: BaseOptimizer,
     /// The initial learning rate (changeable per step).
     pub lr: f32,
@@ -414,6 +478,13 @@ pub struct TramConfig {
 impl TramConfig {
     /// Checks every field; `has_target` says whether target buffers were given
     /// (required by TRAM-θ).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming the
+    /// first bad value: δ, η or lr negative or not finite, a temperature not
+    /// finite and > 0, the optimizer's own checks
+    /// ([`BaseOptimizer::validate`]), λ outside [0, 1], TRAM-θ without target
+    /// buffers, or a noise σ negative or not finite.
     pub fn validate(&self, has_target: bool) -> crate::Result<()> {
         use crate::error::ensure;
         validate_delta(self.delta)?;

@@ -6,8 +6,13 @@ use half::{bf16, f16};
 /// A runtime tag for an element type, as the kernels see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE binary32, 4 bytes (`f32`).
     F32,
+    /// IEEE binary16, 2 bytes ([`f16`](struct@f16)): 11 significand bits, largest finite
+    /// value 65,504.
     F16,
+    /// bfloat16, 2 bytes ([`bf16`](struct@bf16)): f32's exponent range with 8 significand
+    /// bits (the top half of an f32).
     BF16,
 }
 
@@ -39,9 +44,14 @@ impl DType {
 pub trait Element:
     Copy + Send + Sync + PartialEq + std::fmt::Debug + bytemuck::Pod + Default + 'static
 {
+    /// The runtime tag of this type.
     const DTYPE: DType;
+    /// Widens exactly (f16 and bf16 values are all f32 values).
     fn to_f32(self) -> f32;
+    /// Widens exactly.
     fn to_f64(self) -> f64;
+    /// Rounds to nearest even (the identity for f32), overflowing to ±inf as
+    /// IEEE rounding does.
     fn from_f32(x: f32) -> Self;
     /// Rounds once, directly from f64 (no double rounding through f32).
     fn from_f64(x: f64) -> Self;

@@ -84,6 +84,9 @@ pub const STEP_DTYPES: [(DType, DType); 4] = [
 ];
 
 /// Checks a step's dtypes: `(P, G)` in [`STEP_DTYPES`], targets f32 or `P`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming the unsupported pair or target type.
 pub fn check_dtypes(param: DType, grad: DType, target: DType) -> Result<()> {
     ensure!(
         STEP_DTYPES.contains(&(param, grad)),
@@ -233,6 +236,15 @@ pub trait Tram {
     /// KL(target ‖ model) → d, ρ = δ·d, the gradient norm, and θ + ε with its
     /// backup (or into the working copy, or the outputs). `Err` when θ is
     /// already perturbed.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument), with nothing written, when θ is already perturbed (call
+    /// [`Tram::second_step`] first); when `tensors` is not the description
+    /// the step was built with (tensor count, lengths, roles; on CUDA also
+    /// null, misaligned or overlapping addresses); when the two logit
+    /// matrices differ in shape, the mask's length is not their row count, or
+    /// (CUDA) they have more rows than the step was sized for. On CUDA,
+    /// [`Error::Driver`](crate::Error::Driver) when a launch or copy fails.
     fn first_step<L: Element>(
         &mut self,
         tensors: &mut Self::Tensors<'_>,
@@ -254,14 +266,34 @@ pub trait Tram {
     /// optimizer with them (or only restores, when a gradient of either step
     /// was not finite), then the TRAM-θ target upkeep; advances the noise
     /// step. `Err` without a first step before it.
+    ///
+    /// A non-finite gradient is not an error: the iteration is skipped and
+    /// [`Tram::report`] says so ([`StepStatus::SKIPPED`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument), with nothing written, without a first step before it (call
+    /// [`Tram::first_step`], or [`Tram::base_step`] for an update without
+    /// perturbation), when `tensors` is not the step's description, or when a
+    /// tensor that had a gradient in the first step has none now. On CUDA,
+    /// [`Error::Driver`](crate::Error::Driver) when a launch or copy fails.
     fn second_step(&mut self, tensors: &mut Self::Tensors<'_>) -> Result<()>;
 
     /// An iteration without the perturbation: the base optimizer with the
     /// gradient at θ (checked as the second step's), the target upkeep and
     /// the noise step. `Err` while θ is perturbed.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument), with nothing written, while θ is perturbed or when `tensors` is
+    /// not the step's description; on CUDA,
+    /// [`Error::Driver`](crate::Error::Driver) when a launch or copy fails.
     fn base_step(&mut self, tensors: &mut Self::Tensors<'_>) -> Result<()>;
 
     /// TRAM-x: out = e + z with this iteration's noise. `Err` for TRAM-θ.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a TRAM-θ step or when `input` and `out` differ in length
+    /// (on CUDA also a null or misaligned address); on CUDA,
+    /// [`Error::Driver`](crate::Error::Driver) when the launch fails.
     fn noise<L: Element>(
         &mut self,
         input: &Self::Input<'_, L>,
@@ -270,35 +302,76 @@ pub trait Tram {
 
     /// Which tensors have a gradient from the next call on (one flag per
     /// tensor; all do at first). Not between a first and a second step.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a flag count other than the tensor count, or between a first
+    /// and a second step.
     fn set_has_grad(&mut self, has_grad: &[bool]) -> Result<()>;
 
     /// The learning rate.
     fn lr(&self) -> f32;
     /// Sets the learning rate from the next update on (finite, >= 0).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a negative or non-finite lr, nothing changed; on CUDA,
+    /// [`Error::Driver`](crate::Error::Driver) when the copy to the device fails.
     fn set_lr(&mut self, lr: f32) -> Result<()>;
     /// δ of ρ = δ·d.
     fn delta(&self) -> f32;
     /// Sets δ from the next first step on (finite, >= 0).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a negative or non-finite δ, nothing changed; on CUDA,
+    /// [`Error::Driver`](crate::Error::Driver) when the copy to the device fails.
     fn set_delta(&mut self, delta: f32) -> Result<()>;
     /// The inverse loss scale s.
     fn inv_scale(&self) -> f32;
     /// Sets s = 1/scale for the next steps (finite, > 0).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for s ≤ 0 or non-finite, nothing changed; on CUDA,
+    /// [`Error::Driver`](crate::Error::Driver) when the copy to the device fails.
     fn set_inv_scale(&mut self, inv_scale: f32) -> Result<()>;
 
     /// Updates applied so far (skipped iterations do not count).
+    ///
+    /// # Errors
+    /// Never on the CPU. On CUDA the count lives in device memory: this waits
+    /// for the stream, and a failed copy is [`Error::Driver`](crate::Error::Driver).
     fn step_count(&self) -> Result<u64>;
     /// Sets the step count, with the β powers of [`StepCounter::at`] (fast
     /// for any count). For a bit-identical resume use [`Tram::set_state`].
+    ///
+    /// # Errors
+    /// Never on the CPU; on CUDA, [`Error::Driver`](crate::Error::Driver)
+    /// when the copy to the device fails.
     fn set_step_count(&mut self, t: u64) -> Result<()>;
     /// TRAM-x's noise step (iterations run so far).
+    ///
+    /// # Errors
+    /// As [`Tram::step_count`].
     fn noise_step(&self) -> Result<u64>;
     /// Sets the noise step.
+    ///
+    /// # Errors
+    /// As [`Tram::set_step_count`].
     fn set_noise_step(&mut self, step: u64) -> Result<()>;
     /// Everything a checkpoint needs besides the tensors.
+    ///
+    /// # Errors
+    /// As [`Tram::step_count`] (the counters are read from the device).
     fn state(&self) -> Result<TramState>;
     /// Resumes from a saved state. `Err` while θ is perturbed.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument), nothing changed, while θ is perturbed or when a value of the
+    /// state fails its check (lr, δ, the scale, β powers outside [0, 1]);
+    /// on CUDA, [`Error::Driver`](crate::Error::Driver) when a copy fails.
     fn set_state(&mut self, state: &TramState) -> Result<()>;
     /// The status of the last iteration and what its first step computed.
+    ///
+    /// # Errors
+    /// As [`Tram::step_count`]: on CUDA this waits for the stream.
     fn report(&self) -> Result<StepReport>;
 }
 

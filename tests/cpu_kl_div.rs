@@ -1,5 +1,5 @@
 //! The CPU KL reference against an independent two-pass oracle and the edge
-//! cases of shared/notes/kl-numerics.md.
+//! cases of `cpu::kl_div`'s module docs.
 
 #![allow(clippy::needless_range_loop)] // index loops read best in numeric checks
 

@@ -82,3 +82,85 @@ fn the_from_stream_route_returns_errors() {
         other => panic!("expected CudaUnavailable for device 2^20, got {other:?}"),
     }
 }
+
+/// Every relative link of the Markdown files users read points at a file of
+/// the repository.
+#[test]
+fn markdown_links_resolve() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for doc in ["README.md", "BENCHMARKS.md", "emu/README.md"] {
+        let text = read(doc);
+        let dir = root.join(doc).parent().unwrap().to_path_buf();
+        let mut links = 0;
+        for part in text.split("](").skip(1) {
+            let Some(end) = part.find(')') else { continue };
+            let target = part[..end].split('#').next().unwrap();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            links += 1;
+            assert!(
+                dir.join(target).exists(),
+                "{doc}: the link to {target} points at no file of the repository"
+            );
+        }
+        if doc == "README.md" {
+            assert!(
+                links > 0,
+                "README.md: no relative link found (parser broken?)"
+            );
+        }
+    }
+}
+
+/// Users have the repository only: nothing they read or build may send them to
+/// the developers' design notes, which live outside it.
+#[test]
+fn nothing_points_outside_the_repository() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Assembled, so that this file does not match itself.
+    let needles = [
+        ["shared", "/notes"].concat(),
+        ["/work", "/shared"].concat(),
+        ["byte-budgets", ".md"].concat(),
+        ["kl-numerics", ".md"].concat(),
+        ["cudarc-0.19", ".md"].concat(),
+    ];
+    let mut stack = vec![root.to_path_buf()];
+    let mut checked = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                // Build outputs and committed logs are not sources.
+                if !["target", ".git", "bench-logs", "gpu-runs", "gpu-bundle"]
+                    .contains(&name.as_str())
+                {
+                    stack.push(path);
+                }
+                continue;
+            }
+            let ext = path.extension().map(|e| e.to_string_lossy().into_owned());
+            let source = matches!(
+                ext.as_deref(),
+                Some("rs" | "md" | "cu" | "cuh" | "toml" | "sh" | "py" | "cpp" | "hpp" | "h")
+            ) || name == "run";
+            if !source {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            checked += 1;
+            for needle in &needles {
+                assert!(
+                    !text.contains(needle.as_str()),
+                    "{} mentions {needle}: move what users need into the docs",
+                    path.strip_prefix(root).unwrap().display()
+                );
+            }
+        }
+    }
+    assert!(checked > 50, "only {checked} source files found");
+}

@@ -13,7 +13,8 @@ use crate::error::{ensure, Result};
 /// `src` widened to f32 (exact for every element type). For f32 this is `src`
 /// itself; otherwise the values are written to `buf`.
 ///
-/// Errors (`InvalidArgument`): `buf` shorter than `src`.
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument): `buf` shorter than `src`.
 #[inline(always)]
 pub fn widen<'a, T: Element>(src: &'a [T], buf: &'a mut [f32]) -> Result<&'a [f32]> {
     ensure!(
@@ -65,8 +66,8 @@ pub(crate) fn widen_into<'a, T: Element>(src: &'a [T], buf: &'a mut [f32]) -> &'
 /// `scratch` speeds up f16 when it is at least `src.len()` long; shorter (or
 /// empty) it is not used, with the same result.
 ///
-/// Errors (`InvalidArgument`): `dst` and `src` of different lengths (nothing
-/// is written then).
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument): `dst` and `src` of different lengths (nothing is written then).
 #[inline(always)]
 pub fn narrow<T: Element>(src: &[f64], dst: &mut [T], scratch: &mut [f32]) -> Result<()> {
     ensure!(

@@ -218,12 +218,14 @@ pub(crate) fn compensated_sum(xs: impl IntoIterator<Item = f64>) -> f64 {
 /// `params[i]` is tensor i's θ (read only by the adaptive geometry), `grads[i]` its
 /// gradient or `None` (skipped).
 ///
-/// Errors (`InvalidArgument`): no tensors; `grads.len() != params.len()`; a gradient
-/// whose length differs from its tensor's; `inv_scale` not finite or ≤ 0; `η` not
-/// finite or < 0. Tensors of length 0 are fine.
-///
 /// Accuracy: relative error ≤ [`REL_ERROR_BOUND`] (2^-45) for finite inputs;
-/// deterministic and independent of the rayon thread count.
+/// deterministic and independent of the rayon thread count. Reads 4 bytes per
+/// f32 gradient element (2 for f16/bf16), plus θ for the adaptive geometry.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument): no tensors; `grads.len() != params.len()`; a gradient whose length
+/// differs from its tensor's; `inv_scale` not finite or ≤ 0; `η` not finite or
+/// < 0. Tensors of length 0 are fine.
 pub fn grad_norm<P: Element, G: Element>(
     params: &[&[P]],
     grads: &[Option<&[G]>],

@@ -4,13 +4,33 @@
 //! Forward is KL(P‖Q), reverse KL(Q‖P), symmetric their sum, per row.
 //!
 //! # Numerics
-//! The textbook `Σ p·(log p − log q)` loses every digit when P ≈ Q (see
-//! `shared/notes/kl-numerics.md`). Here, with d = (a − b)/τ, a reference c and
-//! x = d − c, φ(x) = expm1(−x) + x ≥ 0, and weights w = exp((a − max a)/τ):
+//! TRAM's divergence is taken between logits that nearly agree (a model and
+//! its own EMA, or the same model on slightly noised inputs), where the KL is
+//! tiny. The textbook `Σ p·(log p − log q)` is useless there: `log p` and
+//! `log q` each carry a rounding error of about ε·|logsumexp|, far above a KL
+//! of 1e-10, so in f32 (and, for peaked rows, even in f64) it returns rounding
+//! noise, sometimes negative. Writing d = a − b and p = softmax(a) instead,
+//!
+//! ```text
+//! KL(P‖Q) = Σ p·d + log Σ p·e^(−d)
+//! ```
+//!
+//! and centring d on a reference c turns both terms into sums of small,
+//! mostly non-negative quantities that one pass over the row can accumulate
+//! and that merge like an online softmax. Here, with d = (a − b)/τ, a
+//! reference c and x = d − c, φ(x) = expm1(−x) + x ≥ 0 (≈ x²/2 for small x),
+//! and weights w = exp((a − max a)/τ):
 //!
 //! ```text
 //! S = Σ w,  A = Σ w·x,  B = Σ w·φ(x),  α = A/S,  β = B/S,  KL = α + log1p(β − α)
 //! ```
+//!
+//! Moving a partial's reference from c to c + s gives A' = A − s·S and
+//! B' = e^s·B − expm1(s)·A + S·φ(−s); a new running max rescales S, A and B
+//! by e^(M − M'). Those two rules merge partials of any split of a row, in a
+//! fixed order, so the result is deterministic. The CUDA kernel
+//! ([`crate::cuda::kl_div`]) uses the same formulation with f32 per-thread
+//! sums and f64 merges.
 //!
 //! all in f64. A row is cut into chunks of [`CHUNK`] elements; each chunk is a
 //! partial (S, A, B) centred on its own P-mean of d (one refinement step). The
@@ -64,6 +84,14 @@
 //!
 //! Gradient entries of an unmasked row whose KL is not finite are NaN (both
 //! matrices, every entry of the row); masked rows always get exact zeros.
+//!
+//! # Gradients
+//! In the same centred terms, with m the P-mean of d, u = d − m and
+//! L = log1p(β − α) after re-centring on m: ∂KL(P‖Q)/∂b_i = q_i − p_i =
+//! p_i·expm1(−u_i − L) and ∂KL(P‖Q)/∂a_i = p_i·(u_i + L − KL) (divided by τ).
+//! Both stay accurate when P ≈ Q, where `q − p` from two separately rounded
+//! softmaxes would not; tests compare them with a mixed bound, relative where
+//! an entry is large and absolute near zero (the bound above).
 
 use super::convert::widen_into;
 use super::math;
@@ -81,15 +109,27 @@ const GRAD_BLOCK: usize = 8192;
 
 /// A row-major matrix of logits: `rows` rows of `vocab` values, `row_stride` apart.
 #[derive(Clone, Copy, Debug)]
+///
+/// The fields are public for convenience; every entry point checks them again
+/// as [`Logits::new`] does.
 pub struct Logits<'a, T> {
+    /// The elements; row `r` is `data[r * row_stride..r * row_stride + vocab]`.
     pub data: &'a [T],
+    /// Number of rows (0 is allowed).
     pub rows: usize,
+    /// Logits per row (the vocabulary); > 0.
     pub vocab: usize,
+    /// Elements from the start of one row to the next; ≥ `vocab`. Elements
+    /// between `vocab` and the stride are never read.
     pub row_stride: usize,
 }
 
 impl<'a, T: Element> Logits<'a, T> {
     /// Checks vocab > 0, stride ≥ vocab and that `data` holds every row.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) when one of
+    /// those fails (including a size that overflows `usize`).
     pub fn new(data: &'a [T], rows: usize, vocab: usize, row_stride: usize) -> Result<Self> {
         let l = Self {
             data,
@@ -102,6 +142,9 @@ impl<'a, T: Element> Logits<'a, T> {
     }
 
     /// Rows stored back to back (stride = vocab).
+    ///
+    /// # Errors
+    /// As [`Logits::new`].
     pub fn dense(data: &'a [T], rows: usize, vocab: usize) -> Result<Self> {
         Self::new(data, rows, vocab, vocab)
     }
@@ -163,9 +206,12 @@ pub struct KlGrad {
 /// The KL divergence between `target` (P) and `model` (Q) logits.
 /// See the module docs for the formulation, edge cases and error bound.
 ///
-/// `mask`: one byte per row, nonzero = the row counts. Errors (`InvalidArgument`):
-/// invalid logits, different rows or vocab (strides may differ), a mask of the
-/// wrong length, a temperature that is not finite and > 0.
+/// `mask`: one byte per row, nonzero = the row counts.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument): invalid logits (see [`Logits::new`]), different rows or vocab
+/// (strides may differ), a mask of the wrong length, a temperature that is not
+/// finite and > 0.
 pub fn kl_div<T: Element>(
     target: &Logits<T>,
     model: &Logits<T>,
@@ -184,6 +230,9 @@ pub fn kl_div<T: Element>(
 /// `MeanRows` weighs 1/unmasked, `MeanElements` 1/(unmasked·vocab). Masked rows,
 /// and every row when all are masked, get exact zeros; unmasked rows whose KL is
 /// not finite get NaN. `upstream` is used as given (a NaN upstream gives NaN).
+///
+/// # Errors
+/// As [`kl_div`].
 pub fn kl_div_grad<T: Element>(
     target: &Logits<T>,
     model: &Logits<T>,

@@ -102,6 +102,10 @@ pub fn noise_value(cfg: &NoiseConfig, step: u64, index: u64) -> f32 {
 }
 
 /// out = e + z, element by element (z of element i from counter i).
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument), nothing written: σ negative or not finite, or `input` and `out` of
+/// different lengths.
 pub fn add_noise<T: Element>(
     input: &[T],
     out: &mut [T],
@@ -132,6 +136,9 @@ pub fn add_noise<T: Element>(
 }
 
 /// e ← e + z in place.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument), nothing written: σ negative or not finite.
 pub fn add_noise_inplace<T: Element>(x: &mut [T], cfg: &NoiseConfig, step: u64) -> Result<()> {
     cfg.validate()?;
     const CHUNK: usize = 1 << 14;

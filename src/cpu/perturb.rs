@@ -315,10 +315,16 @@ fn checked_plan<G>(
 /// with a gradient when the status is `APPLIED`.
 ///
 /// ρ comes from `radius` and `divergence` ([`radius_value`]); the norm is
-/// [`grad_norm`] of the same group. Errors (`InvalidArgument`): empty group;
-/// `grads` or `backups` count differs from `params`; a gradient or backup whose
-/// length differs from its tensor's; `inv_scale` not finite or ≤ 0; η not finite
-/// or < 0. Nothing is written on error.
+/// [`grad_norm`] of the same group. Moves 16 bytes per f32 element (θ and g
+/// read, θ + ε and the backup written).
+///
+/// A bad radius, a zero or non-finite norm, or θ + ε overflowing is not an
+/// error: the returned status says so ([`PerturbStatus`]).
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument): empty group; `grads` or `backups` count differs from `params`; a
+/// gradient or backup whose length differs from its tensor's; `inv_scale` not
+/// finite or ≤ 0; η not finite or < 0. Nothing is written on error.
 pub fn perturb<P: Element, G: Element>(
     params: &mut [&mut [P]],
     grads: &[Option<&[G]>],
@@ -337,6 +343,9 @@ pub fn perturb<P: Element, G: Element>(
 
 /// [`perturb`] with the norm and ρ given (e.g. the values a GPU used).
 /// `norm` must be ≥ 0 or not finite (a negative finite norm is an error).
+///
+/// # Errors
+/// As [`perturb`], and a negative finite `norm`.
 pub fn perturb_with<P: Element, G: Element>(
     params: &mut [&mut [P]],
     grads: &[Option<&[G]>],
@@ -388,7 +397,8 @@ pub fn perturb_with<P: Element, G: Element>(
 /// without a gradient, and every tensor when not applied, leave the working copy
 /// untouched. No backup: the master is the backup.
 ///
-/// Errors as [`perturb`], with `working` in the place of the backups.
+/// # Errors
+/// As [`perturb`], with `working` in the place of the backups.
 pub fn perturb_master<P: Element, G: Element>(
     master: &[&[f32]],
     grads: &[Option<&[G]>],
@@ -404,6 +414,9 @@ pub fn perturb_master<P: Element, G: Element>(
 }
 
 /// [`perturb_master`] with the norm and ρ given.
+///
+/// # Errors
+/// As [`perturb_master`], and a negative finite `norm`.
 pub fn perturb_master_with<P: Element, G: Element>(
     master: &[&[f32]],
     grads: &[Option<&[G]>],
@@ -451,7 +464,8 @@ pub fn perturb_master_with<P: Element, G: Element>(
 /// Out of place: `out[i] ← round_P(θ_i + ε_i)` for tensors with a gradient when
 /// the status is `APPLIED`, else `out[i] ← θ_i` bit-exact. θ is only read.
 ///
-/// Errors as [`perturb`], with `out` in the place of the backups.
+/// # Errors
+/// As [`perturb`], with `out` in the place of the backups.
 pub fn perturb_out_of_place<P: Element, G: Element>(
     params: &[&[P]],
     grads: &[Option<&[G]>],
@@ -467,6 +481,9 @@ pub fn perturb_out_of_place<P: Element, G: Element>(
 }
 
 /// [`perturb_out_of_place`] with the norm and ρ given.
+///
+/// # Errors
+/// As [`perturb_out_of_place`], and a negative finite `norm`.
 pub fn perturb_out_of_place_with<P: Element, G: Element>(
     params: &[&[P]],
     grads: &[Option<&[G]>],

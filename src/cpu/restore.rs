@@ -10,8 +10,9 @@ use crate::error::{ensure, Result};
 
 /// `params[i] ← backups[i]` bit-exact for every tensor.
 ///
-/// Errors (`InvalidArgument`): empty group; `backups.len() != params.len()`; a
-/// backup whose length differs from its tensor's. Nothing is written on error.
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument): empty group; `backups.len() != params.len()`; a backup whose length
+/// differs from its tensor's. Nothing is written on error.
 pub fn restore<P: Element>(params: &mut [&mut [P]], backups: &[&[P]]) -> Result<()> {
     ensure!(!params.is_empty(), "empty group: no tensors");
     ensure!(

@@ -118,6 +118,15 @@ pub struct TramStep<P, G = P, T = f32> {
 impl<P: Element, G: Element, T: Element> TramStep<P, G, T> {
     /// Validates `cfg`, the dtypes and the description (see [`crate::step`]);
     /// every tensor starts with a gradient, the step count at 0.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming what
+    /// to change: a configuration value out of range
+    /// ([`TramConfig::validate`](crate::TramConfig::validate)), an unsupported
+    /// dtype ([`check_dtypes`](crate::step::check_dtypes)), or a description
+    /// with no tensors, mixed perturbation kinds, buffer lengths that differ
+    /// from the parameter's, or optimizer state or targets missing where the
+    /// configuration needs them (or given where it keeps none).
     pub fn new(cfg: TramConfig, tensors: &[Tensor<'_, P, G, T>]) -> Result<Self> {
         let theta = matches!(cfg.variant, TramVariant::Theta { .. });
         cfg.validate(theta)?;

@@ -43,6 +43,7 @@ use crate::error::{ensure, Result};
 /// How the norm is taken.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct NormOptions {
+    /// Which norm ([`Geometry`]); the perturbation that follows must use the same.
     pub geometry: Geometry,
     /// s in g' = s·g: 1/loss-scale under AMP, else 1. Finite and > 0.
     pub inv_scale: f32,
@@ -73,6 +74,11 @@ pub(crate) fn check_geometry(geometry: Geometry, inv_scale: f32) -> Result<()> {
 /// Enqueues the norm of the group's tensors that have a gradient, into the
 /// group's [`NormState`](super::group::NormState). One launch; no allocation, no host sync. With
 /// master weights the adaptive geometry reads θ from the f32 master copy.
+/// Reads 4 bytes per f32 gradient element (8 with θ for the adaptive geometry).
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument): η negative or not finite, `inv_scale` not finite and > 0, or a
+/// backend whose stream is not the group's; [`Error::Driver`](crate::Error::Driver) when the launch fails.
 pub fn grad_norm(backend: &CudaBackend, group: &ParamGroup<'_>, opts: NormOptions) -> Result<()> {
     launch(backend, group, opts, 0)
 }
@@ -140,6 +146,10 @@ fn launch(
 /// Recomputes `norm` of the group's [`NormState`](super::group::NormState) from its `sum_sq`, for a
 /// sharded group after `sum_sq` was all-reduced, and raises `found_inf` when
 /// that sum is not finite. One single-thread launch.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a backend whose stream is not the group's; [`Error::Driver`](crate::Error::Driver) when the
+/// launch fails.
 pub fn finish(backend: &CudaBackend, group: &ParamGroup<'_>) -> Result<()> {
     group.check_backend(backend)?;
     let f = backend.function("grad_norm_finish")?;

@@ -96,7 +96,11 @@ pub enum Slot {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct MtTensor {
+    /// Device addresses, 0 where a slot is unused. A parameter group indexes
+    /// them by [`Slot`]; the optimizer's and the EMA's tables use the same row
+    /// type with their own slot order (see their modules).
     pub ptr: [u64; MT_SLOTS],
+    /// Elements of every buffer of the tensor.
     pub len: u64,
 }
 
@@ -105,7 +109,9 @@ pub struct MtTensor {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct MtChunk {
+    /// The tensor's row in the device table.
     pub tensor: u32,
+    /// Which chunk of that tensor (its first element is `index * MT_CHUNK`).
     pub index: u32,
 }
 
@@ -138,6 +144,7 @@ pub struct NormState {
     /// [`finish`](super::grad_norm::finish) raises it for a non-finite
     /// all-reduced `sum_sq`.
     pub found_inf: u32,
+    /// Padding to the kernel's 48-byte layout; zero.
     pub _pad: [u32; 2],
 }
 
@@ -160,7 +167,9 @@ unsafe impl ValidAsZeroBits for NormState {}
 /// A device buffer by address and element count.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeviceBuf {
+    /// Device address of the first element (may be 0 when `len` is 0).
     pub ptr: u64,
+    /// Number of elements (not bytes).
     pub len: u64,
 }
 
@@ -169,7 +178,10 @@ pub struct DeviceBuf {
 /// type, `grad` the gradient type, `master` f32.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RawTensor {
+    /// θ (or the working copy beside f32 master weights); the perturbation
+    /// writes it in place, the restore writes it back.
     pub param: DeviceBuf,
+    /// The gradient, read.
     pub grad: DeviceBuf,
     /// Where the in-place perturbation saves θ (needed by `PerturbMode::InPlace`
     /// and `restore`).
@@ -184,19 +196,31 @@ pub struct RawTensor {
 /// One tensor of a group as cudarc views (see [`ParamGroup::new`]); a
 /// `CudaSlice` gives one with `as_view()`, a sub-slice with `slice(a..b)`.
 #[derive(Debug)]
+///
+/// The views are shared borrows, yet the kernels write through `param`,
+/// `backup` and `out` (by address): hold no other reference to those buffers
+/// while the group is used.
 pub struct TensorViews<'a, P, G> {
+    /// θ, as in [`RawTensor::param`].
     pub param: CudaView<'a, P>,
+    /// The gradient, read.
     pub grad: CudaView<'a, G>,
+    /// As [`RawTensor::backup`].
     pub backup: Option<CudaView<'a, P>>,
+    /// As [`RawTensor::master`].
     pub master: Option<CudaView<'a, f32>>,
+    /// As [`RawTensor::out`].
     pub out: Option<CudaView<'a, P>>,
 }
 
 /// Which optional slots every tensor of a group fills.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Roles {
+    /// Every tensor has a backup (in-place perturbation and restore).
     pub backup: bool,
+    /// Every tensor has f32 master weights (master-mode perturbation).
     pub master: bool,
+    /// Every tensor has an output (out-of-place perturbation).
     pub out: bool,
 }
 
@@ -210,7 +234,8 @@ pub const DTYPE_COMBOS: [(DType, DType); 4] = [
 
 /// Validates a group's tensors and builds its device table, on the host.
 ///
-/// Errors: no tensors; an unsupported dtype pair; lengths of a tensor's
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument): no tensors; an unsupported dtype pair; lengths of a tensor's
 /// buffers that differ; a null or misaligned (not a multiple of the element
 /// size) address of a non-empty buffer; an optional slot filled for some
 /// tensors and not others; buffers that overlap; a tensor too long for the
@@ -308,11 +333,17 @@ pub fn describe(
 /// copies θ there). Empty tensors have no chunks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ChunkMap {
+    /// Every chunk: those of tensors with a gradient first.
     pub chunks: Vec<MtChunk>,
+    /// How many leading entries of `chunks` belong to tensors with a gradient.
     pub active: usize,
 }
 
 /// Builds the [`ChunkMap`] of tensors of lengths `lens`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument): a flag count other than the tensor count, or more chunks in all
+/// than one launch can index (2³² − 1), sizes checked without overflow.
 pub fn chunk_map(lens: &[u64], active: &[bool]) -> Result<ChunkMap> {
     ensure!(
         lens.len() == active.len(),
@@ -407,9 +438,10 @@ impl<'a> ParamGroup<'a> {
     /// (and, optionally, backups, f32 master weights, outputs), all with the
     /// backend's context. Every tensor starts with a gradient.
     ///
-    /// Errors as [`describe`]: lengths that differ, no tensors, an
-    /// unsupported `(P, G)` pair, overlapping views; and a view of another
-    /// context than the backend's.
+    /// # Errors
+    /// As [`describe`]: lengths that differ, no tensors, an unsupported
+    /// `(P, G)` pair, overlapping views; and a view of another context than
+    /// the backend's. [`Error::Driver`](crate::Error::Driver) when an upload or allocation fails.
     pub fn new<P: Element, G: Element>(
         backend: &CudaBackend,
         tensors: &[TensorViews<'a, P, G>],
@@ -463,6 +495,9 @@ impl ParamGroup<'static> {
     /// ones a launch writes) while a launch on the group's stream is pending,
     /// unless ordered with that stream. The checks of [`describe`] (lengths,
     /// alignment, null, overlap) still apply and return `Err`.
+    ///
+    /// # Errors
+    /// As [`describe`]; [`Error::Driver`](crate::Error::Driver) when an upload or allocation fails.
     pub unsafe fn from_raw(
         backend: &CudaBackend,
         param_dtype: DType,
@@ -584,6 +619,10 @@ impl<'a> ParamGroup<'a> {
     /// with an asynchronous copy on the group's stream: call it between steps
     /// (a copy from pageable memory may wait for the stream), never between a
     /// perturbation and its restore.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a flag count other than the tensor count; [`Error::Driver`](crate::Error::Driver) when the
+    /// copy fails.
     pub fn set_has_grad(&mut self, has_grad: &[bool]) -> Result<()> {
         let chunks = chunk_map(&self.lens, has_grad)?;
         if !chunks.chunks.is_empty() {
@@ -645,10 +684,12 @@ impl<'a> ParamGroup<'a> {
         &self.chunks
     }
 
+    /// The parameters' element type (also that of the backups and outputs).
     pub fn param_dtype(&self) -> DType {
         self.param_dtype
     }
 
+    /// The gradients' element type.
     pub fn grad_dtype(&self) -> DType {
         self.grad_dtype
     }
@@ -682,6 +723,9 @@ impl<'a> ParamGroup<'a> {
 
     /// Copies the [`NormState`] to the host. This waits for the stream: call
     /// it outside the step (e.g. to log the status of the previous one).
+    ///
+    /// # Errors
+    /// [`Error::Driver`](crate::Error::Driver) when the copy fails.
     pub fn read_state(&self) -> Result<NormState> {
         let v = self.stream.clone_dtoh(&self.state)?;
         Ok(v[0])

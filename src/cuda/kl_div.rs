@@ -10,7 +10,7 @@
 //! stream, with no allocation and no host sync (the [`KlWorkspace`] is
 //! allocated once):
 //! 1. `kl_div_partials_*`: one block per (row, chunk). Each thread keeps the
-//!    mergeable centred partials of `shared/notes/kl-numerics.md` in f32 (the
+//!    mergeable centred partials of [`crate::cpu::kl_div`]'s numerics in f32 (the
 //!    logit difference formed exactly: in f64 for f32 inputs); warp, block and
 //!    multi-block merges run in f64. Long rows are split over several blocks
 //!    so that few rows still fill the GPU ([`kl_geometry`]).
@@ -211,6 +211,9 @@ pub struct KlReadback {
 impl KlWorkspace {
     /// Bytes of device memory a workspace for `max_rows` rows takes on a
     /// device with `sm_count` SMs; `Err` when that does not fit in a `usize`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) when the size overflows `usize`.
     pub fn bytes(max_rows: usize, sm_count: u32) -> Result<usize> {
         partials_capacity(sm_count)
             .checked_mul(PARTIAL_BYTES)
@@ -226,6 +229,10 @@ impl KlWorkspace {
     }
 
     /// A workspace for problems of up to `max_rows` rows (any vocabulary).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for `max_rows` = 0 or a size that overflows ([`KlWorkspace::bytes`]);
+    /// [`Error::Driver`](crate::Error::Driver) when the allocation fails.
     pub fn new(backend: &CudaBackend, max_rows: usize) -> Result<Self> {
         ensure!(max_rows > 0, "KlWorkspace needs max_rows > 0");
         Self::bytes(max_rows, backend.sm_count())?;
@@ -272,6 +279,9 @@ impl KlWorkspace {
     /// Overwrites every result the workspace holds (the device scalar, the
     /// per-row values and statistics) with NaN, asynchronously, so that a
     /// result a later call failed to write cannot pass for a fresh one.
+    ///
+    /// # Errors
+    /// [`Error::Driver`](crate::Error::Driver) when a copy fails.
     pub fn poison(&mut self, backend: &CudaBackend) -> Result<()> {
         let stream = backend.stream();
         stream.memcpy_htod(&[f32::NAN], &mut self.value)?;
@@ -282,6 +292,9 @@ impl KlWorkspace {
     }
 
     /// Waits for the stream and reads the last call's results for its `rows`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for more rows than the workspace holds; [`Error::Driver`](crate::Error::Driver) when a copy fails.
     pub fn read(&self, backend: &CudaBackend, rows: usize) -> Result<KlReadback> {
         ensure!(
             rows <= self.max_rows,
@@ -357,6 +370,9 @@ fn check_shape(what: &str, rows: usize, vocab: usize, row_stride: usize, len: us
 
 impl<'a, T> DeviceLogits<'a, T> {
     /// A strided view; `Err` when the shape does not fit in `data`.
+    ///
+    /// # Errors
+    /// As [`DeviceLogits::from_ref`].
     pub fn new(
         data: CudaView<'a, T>,
         rows: usize,
@@ -367,6 +383,9 @@ impl<'a, T> DeviceLogits<'a, T> {
     }
 
     /// A dense view (`row_stride = vocab`).
+    ///
+    /// # Errors
+    /// As [`DeviceLogits::from_ref`].
     pub fn dense(data: CudaView<'a, T>, rows: usize, vocab: usize) -> Result<Self> {
         Self::new(data, rows, vocab, vocab)
     }
@@ -374,6 +393,10 @@ impl<'a, T> DeviceLogits<'a, T> {
     /// A strided matrix over a buffer by address ([`DevRef::from_raw`] for a
     /// framework's storage); `Err` when the shape does not fit in it or the
     /// address is null or misaligned.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument): vocab 0, a row stride shorter than vocab, rows that do not fit
+    /// in the buffer, or (rows > 0) a null or misaligned address.
     pub fn from_ref(
         data: DevRef<'a, T>,
         rows: usize,
@@ -395,12 +418,15 @@ impl<'a, T> DeviceLogits<'a, T> {
         })
     }
 
+    /// Number of rows.
     pub fn rows(&self) -> usize {
         self.rows
     }
+    /// Logits per row.
     pub fn vocab(&self) -> usize {
         self.vocab
     }
+    /// Elements from one row's start to the next (≥ vocab).
     pub fn row_stride(&self) -> usize {
         self.row_stride
     }
@@ -441,9 +467,13 @@ pub struct KlGrads<'a, 'b, T> {
 pub struct RawLogits {
     /// Device address of element (0, 0).
     pub ptr: u64,
+    /// Number of rows (0 is allowed).
     pub rows: usize,
+    /// Logits per row; > 0.
     pub vocab: usize,
+    /// Elements from one row's start to the next; ≥ `vocab`.
     pub row_stride: usize,
+    /// The element type (f32, f16 or bf16); both matrices of a call share it.
     pub dtype: DType,
 }
 
@@ -454,6 +484,7 @@ pub struct RawGrads {
     pub model: (u64, usize),
     /// dL/d(target logits), when wanted.
     pub target: Option<(u64, usize)>,
+    /// Host factor (the upstream gradient of the reduced value).
     pub upstream: f32,
     /// Device address of an f32 factor, or `None`.
     pub upstream_device: Option<u64>,
@@ -468,6 +499,14 @@ pub struct RawGrads {
 /// (recording events with tracking on): without them the call can be
 /// captured into a CUDA graph; with them, outside a capture only (or use
 /// [`kl_div_raw`], or a TRAM step, whose mask is described by address).
+///
+/// Reads each logit once: 4 bytes per logit pair for bf16/f16, 8 for f32.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument), nothing launched: the two matrices differ in shape, more rows than
+/// the workspace was made for, a mask or `per_row` whose length is not the
+/// row count, or a temperature that is not finite and > 0 (or whose inverse
+/// is not a finite, non-zero f32); [`Error::Driver`](crate::Error::Driver) when a launch fails.
 #[allow(clippy::too_many_arguments)]
 pub fn kl_div<T: Element>(
     backend: &CudaBackend,
@@ -481,7 +520,12 @@ pub fn kl_div<T: Element>(
     run_safe(backend, target, model, mask, opts, ws, per_row, None)
 }
 
-/// The loss as [`kl_div`], then the gradients (one more read of each input).
+/// The loss as [`kl_div`], then the gradients (one more read of each input):
+/// 10 bytes per logit pair for bf16/f16 with the model's gradient, 20 for f32.
+///
+/// # Errors
+/// As [`kl_div`], and a gradient output too short for its row stride or an
+/// empty `upstream_device`.
 #[allow(clippy::too_many_arguments)]
 pub fn kl_div_with_grad<T: Element>(
     backend: &CudaBackend,
@@ -656,6 +700,10 @@ pub(crate) fn kl_div_step<T: Element>(
 ///   either input, the other output, the mask or `per_row`;
 /// * `upstream_device`, when given, points to one readable f32;
 /// * all of it stays valid until the stream has run the launches.
+///
+/// # Errors
+/// As [`kl_div_with_grad`], and a null logit or gradient address, or a
+/// buffer that would run past the end of the address space.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn kl_div_raw(
     backend: &CudaBackend,

@@ -1,6 +1,48 @@
 //! The CUDA backend: the embedded kernels loaded once into a context, launches on the
 //! caller's stream. Each operation has a launcher here beside its kernel file
 //! in `kernels/` and its CPU reference in `src/cpu/` (same file stem).
+//!
+//! # What a user of cudarc 0.19 needs to know
+//!
+//! The crate speaks cudarc 0.19: streams are `Arc<CudaStream>`, buffers
+//! `CudaSlice`s and their views. A few of cudarc's behaviours decide how to
+//! set things up:
+//!
+//! - **A missing driver panics in cudarc.** `CudaContext::new` panics (it
+//!   does not return an error) where the driver library cannot be loaded,
+//!   and so does a call into a driver that lacks the function. Build
+//!   contexts with [`context`] and backends with [`CudaBackend::new`]: both
+//!   check for the library first and turn such panics into
+//!   [`Error::CudaUnavailable`].
+//! - **Streams.** [`CudaBackend::from_stream`] takes a framework's
+//!   `Arc<CudaStream>`; for a raw `CUstream` from elsewhere, wrap it with
+//!   `ctx.wrap_borrowed_stream(raw)` (`unsafe`: the stream must be live and
+//!   belong to that context) on the device's [`context`]; a borrowed stream
+//!   is not destroyed on drop. The legacy default stream cannot be
+//!   captured into a CUDA graph: capture on a stream made by `new_stream()`.
+//! - **Raw pointers.** A framework's buffers are passed by address
+//!   ([`buffer::DevRef::from_raw`], [`group::ParamGroup::from_raw`],
+//!   [`kl_div::kl_div_raw`]), never through cudarc's `upgrade_device_ptr`,
+//!   which takes ownership and frees the memory on drop. Nothing then tracks
+//!   those buffers' synchronisation: the stream order is the contract (below).
+//! - **Events.** cudarc records an event on a slice's stream each time its
+//!   address is handed out, with event tracking on (the default). The crate
+//!   takes addresses once, when a buffer is described, so launches record
+//!   nothing and can be captured; build descriptions before a capture begins.
+//!   To time kernels, create events with timing enabled:
+//!   `ctx.new_event(None)` gives one with timing *disabled*; pass
+//!   `Some(CUevent_flags::CU_EVENT_DEFAULT)`.
+//! - **Copies are asynchronous** on their stream (`clone_htod`, `memcpy_htod`,
+//!   `memcpy_dtoh`, `alloc_zeros`...); results read back with `clone_dtoh`
+//!   wait for the stream. The crate's own read-backs
+//!   ([`group::ParamGroup::read_state`], [`crate::Tram::report`]) say so.
+//! - **One cudarc per build.** Sharing a process with candle or burn means
+//!   sharing their cudarc: the crate selects no CUDA version feature and
+//!   loads the driver with cudarc's `fallback-dynamic-loading`, which
+//!   coexists with candle's `dynamic-linking` (cudarc's build script rejects
+//!   `dynamic-loading` and `dynamic-linking` together, and two `cuda-XXXXX`
+//!   features clash). Set `CUDARC_CUDA_VERSION` to the driver's CUDA version
+//!   when the bindings would otherwise be newer than the driver.
 
 pub mod buffer;
 pub mod ema;
@@ -75,9 +117,12 @@ impl std::fmt::Debug for CudaBackend {
 impl CudaBackend {
     /// A backend on device `ordinal`'s primary context and a new stream.
     ///
-    /// Fails with [`Error::CudaUnavailable`] when no PTX was embedded (nvcc
-    /// missing at build time), when the driver library cannot be loaded, or
-    /// when the device does not exist.
+    /// # Errors
+    /// [`Error::CudaUnavailable`] when no kernels were embedded (nvcc missing
+    /// at build time), when the driver library cannot be loaded or lacks a
+    /// function, when the device does not exist, or when the driver rejects
+    /// the kernels (a driver older than the nvcc that built them);
+    /// [`Error::Driver`] when creating the stream fails.
     pub fn new(ordinal: usize) -> Result<Self> {
         check_ptx_built()?;
         let ctx = context(ordinal)?;
@@ -87,6 +132,9 @@ impl CudaBackend {
 
     /// A backend that launches on `stream`, which a framework already owns.
     /// Work is ordered with the framework's by that stream alone.
+    ///
+    /// # Errors
+    /// As [`CudaBackend::new`], except that the context already exists.
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
         check_ptx_built()?;
         let ctx = stream.context().clone();
@@ -138,6 +186,10 @@ impl CudaBackend {
     }
 
     /// Waits for all work on the stream.
+    ///
+    /// # Errors
+    /// [`Error::Driver`] when the stream reports a failure (of this or an
+    /// earlier asynchronous operation).
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
     }
@@ -147,6 +199,9 @@ impl CudaBackend {
     /// wait). Call it after writing a buffer on `other` (a gradient from
     /// another stream) and before a launch that reads it. Not while the
     /// backend's stream is being captured unless `other` captures too.
+    ///
+    /// # Errors
+    /// [`Error::Driver`] when recording or waiting on the event fails.
     pub fn wait_for_stream(&self, other: &CudaStream) -> Result<()> {
         if *other != *self.stream {
             self.stream.join(other)?;
@@ -158,6 +213,9 @@ impl CudaBackend {
     /// far. Call it before `other` reuses or frees a buffer that launches on
     /// the backend's stream read or wrote: dropping a `CudaSlice` allocated
     /// on `other` frees it on `other`, which does not wait for this stream.
+    ///
+    /// # Errors
+    /// [`Error::Driver`] when recording or waiting on the event fails.
     pub fn make_stream_wait(&self, other: &CudaStream) -> Result<()> {
         if *other != *self.stream {
             other.join(&self.stream)?;
@@ -195,6 +253,9 @@ impl CudaBackend {
 /// can be loaded, this returns [`Error::CudaUnavailable`] when there is no
 /// driver library, the driver lacks a function it needs, or the device does
 /// not exist.
+///
+/// # Errors
+/// [`Error::CudaUnavailable`] in those three cases.
 ///
 /// ```no_run
 /// # fn main() -> tram_kernels::Result<()> {

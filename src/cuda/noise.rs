@@ -28,6 +28,9 @@ pub struct NoiseStep {
 
 impl NoiseStep {
     /// A device counter starting at `step`.
+    ///
+    /// # Errors
+    /// [`Error::Driver`](crate::Error::Driver) when the allocation or copy fails.
     pub fn new(backend: &CudaBackend, step: u64) -> Result<Self> {
         let step = backend.stream().clone_htod(&[step])?;
         Ok(Self {
@@ -37,12 +40,18 @@ impl NoiseStep {
     }
 
     /// Sets the step (an async copy; not while the stream is being captured).
+    ///
+    /// # Errors
+    /// [`Error::Driver`](crate::Error::Driver) when the copy fails.
     pub fn set(&mut self, backend: &CudaBackend, step: u64) -> Result<()> {
         backend.stream().memcpy_htod(&[step], &mut self.step)?;
         Ok(())
     }
 
     /// step += 1 on the device (one tiny launch; capturable).
+    ///
+    /// # Errors
+    /// [`Error::Driver`](crate::Error::Driver) when the launch fails.
     pub fn advance(&mut self, backend: &CudaBackend) -> Result<()> {
         let f = backend.function("noise_step_advance")?;
         let mut b = backend.stream().launch_builder(f);
@@ -54,6 +63,9 @@ impl NoiseStep {
     }
 
     /// Reads the step back (synchronises the stream).
+    ///
+    /// # Errors
+    /// [`Error::Driver`](crate::Error::Driver) when the copy fails.
     pub fn get(&self, backend: &CudaBackend) -> Result<u64> {
         Ok(backend.stream().clone_dtoh(&self.step)?[0])
     }
@@ -99,7 +111,12 @@ fn launch(
 }
 
 /// out = e + z over buffers by address (see [`DevRef`]): capturable. Lengths
-/// must match; σ < 0 is an error.
+/// must match; σ < 0 is an error. Moves 8 bytes per f32 element (e read,
+/// out written), 4 per bf16 element.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument): lengths that differ, σ negative or not finite; [`Error::Driver`](crate::Error::Driver) when the
+/// launch fails.
 pub fn add_noise_to<T: Element>(
     backend: &CudaBackend,
     input: &DevRef<'_, T>,
@@ -129,6 +146,9 @@ pub fn add_noise_to<T: Element>(
 /// out = e + z (no allocation, no sync). Lengths must match; σ < 0 is an error.
 /// The views' addresses are taken through cudarc at this call (events with
 /// tracking on): to capture it into a CUDA graph, use [`add_noise_to`].
+///
+/// # Errors
+/// As [`add_noise_to`].
 pub fn add_noise<T: Element + DeviceRepr>(
     backend: &CudaBackend,
     input: &CudaView<'_, T>,
@@ -149,6 +169,9 @@ pub fn add_noise<T: Element + DeviceRepr>(
 }
 
 /// e ← e + z in place.
+///
+/// # Errors
+/// As [`add_noise_to`].
 pub fn add_noise_inplace<T: Element + DeviceRepr>(
     backend: &CudaBackend,
     x: &mut CudaViewMut<'_, T>,
@@ -166,6 +189,9 @@ pub fn add_noise_inplace<T: Element + DeviceRepr>(
 /// `input` and `out` must address `n` elements of `dtype` in the stream's
 /// context (`out` writable), either equal or not overlapping, with prior work
 /// on them ordered before this launch on the backend's stream.
+///
+/// # Errors
+/// As [`add_noise_to`], and a null or misaligned address of a non-empty buffer.
 pub unsafe fn add_noise_raw(
     backend: &CudaBackend,
     input: u64,

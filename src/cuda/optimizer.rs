@@ -61,12 +61,17 @@ pub struct RawUpdateTensor {
 pub enum DeviceWeights<'a, P> {
     /// θ from `backup`, the result into `param`.
     Restore {
+        /// θ as it was before the perturbation; read.
         backup: CudaView<'a, P>,
+        /// The perturbed θ; overwritten with the updated θ.
         param: CudaViewMut<'a, P>,
     },
     /// θ from the f32 `master` (updated in place); `param` gets the rounded copy.
     Master {
+        /// The f32 master weights; read and updated in place.
         master: CudaViewMut<'a, f32>,
+        /// The working copy; overwritten with the updated master, rounded to
+        /// nearest even.
         param: CudaViewMut<'a, P>,
     },
 }
@@ -74,10 +79,17 @@ pub enum DeviceWeights<'a, P> {
 /// One tensor of the update over cudarc views (see `cpu::optimizer::UpdateTensor`).
 #[derive(Debug)]
 pub struct DeviceUpdateTensor<'a, P, G> {
+    /// Where θ comes from and where the result goes.
     pub weights: DeviceWeights<'a, P>,
+    /// The gradient (the parameter type or f32); `None`: no gradient this
+    /// step, θ is restored and neither θ nor the state is updated.
     pub grad: Option<CudaView<'a, G>>,
+    /// AdamW's first moment or SGD's momentum buffer, f32; `None` only when
+    /// the optimizer keeps none (SGD without momentum).
     pub m: Option<CudaViewMut<'a, f32>>,
+    /// AdamW's second moment, f32; `None` for SGD.
     pub v: Option<CudaViewMut<'a, f32>>,
+    /// Whether weight decay applies to this tensor.
     pub weight_decay: bool,
 }
 
@@ -127,6 +139,11 @@ impl UpdateGroup<'static> {
     /// `source` writable; no written buffer may overlap another buffer of the
     /// group; and all prior work on them must be ordered before the launch on
     /// the backend's stream.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`]: no tensors, a gradient type other than the parameter type or
+    /// f32, a null param or source address or a misaligned one; [`Error::Driver`] when an
+    /// upload fails.
     pub unsafe fn from_raw(
         backend: &CudaBackend,
         tensors: &[RawUpdateTensor],
@@ -141,6 +158,11 @@ impl UpdateGroup<'static> {
 impl<'a> UpdateGroup<'a> {
     /// A group over cudarc views; all tensors in the same mode (all restore
     /// or all master), lengths checked.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`]: no tensors, mixed modes, lengths that differ within a tensor, or
+    /// a gradient type other than the parameter type or f32; [`Error::Driver`] when an
+    /// upload fails.
     pub fn new<P: Element + DeviceRepr, G: Element + DeviceRepr>(
         backend: &CudaBackend,
         tensors: Vec<DeviceUpdateTensor<'a, P, G>>,
@@ -269,11 +291,14 @@ pub struct FusedTarget<'a> {
 }
 
 impl<'a> FusedTarget<'a> {
-    /// Matches `ema` against `update`. Errors when it cannot be fused: other
-    /// tensor counts or lengths, an EMA θ that is neither the update's
-    /// parameters nor (master mode) its masters (or a mix), a θ dtype that is
-    /// not theirs, a target dtype other than f32 or the parameter type, or a
-    /// target overlapping a buffer of the update.
+    /// Matches `ema` against `update`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when it cannot be fused: other tensor counts or lengths, an EMA θ
+    /// that is neither the update's parameters nor (master mode) its masters
+    /// (or a mix), a θ dtype that is not theirs, a target dtype other than f32
+    /// or the parameter type, or a target overlapping a buffer of the update;
+    /// [`Error::Driver`] when an upload fails.
     pub fn new(
         backend: &CudaBackend,
         update: &UpdateGroup<'a>,
@@ -565,6 +590,10 @@ pub struct FusedOptimizer {
 
 impl FusedOptimizer {
     /// Validates `opt` and `lr` and allocates the two small device blocks.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] from [`BaseOptimizer::validate`] or for a negative or non-finite
+    /// lr; [`Error::Driver`] when an allocation or copy fails.
     pub fn new(backend: &CudaBackend, opt: BaseOptimizer, lr: f32) -> Result<Self> {
         opt.validate()?;
         validate_lr(lr)?;
@@ -582,6 +611,7 @@ impl FusedOptimizer {
         })
     }
 
+    /// The base optimizer and its hyperparameters.
     pub fn config(&self) -> &BaseOptimizer {
         &self.opt
     }
@@ -594,6 +624,10 @@ impl FusedOptimizer {
     /// Sets the learning rate of the steps enqueued after this call (an async
     /// copy on the stream; also seen by a graph replayed afterwards). Do not
     /// call it while the stream is being captured.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a negative or non-finite lr (nothing changed); [`Error::Driver`] when
+    /// the copy fails.
     pub fn set_lr(&mut self, backend: &CudaBackend, lr: f32) -> Result<()> {
         validate_lr(lr)?;
         let block = hyper_block(&self.opt, lr, self.inv_scale);
@@ -610,6 +644,9 @@ impl FusedOptimizer {
     /// Sets the inverse loss scale s (gradients are unscaled as s·g) of the
     /// steps enqueued or replayed after this call; finite and > 0. An async
     /// copy: not while the stream is being captured.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] otherwise (nothing changed); [`Error::Driver`] when the copy fails.
     pub fn set_inv_scale(&mut self, backend: &CudaBackend, inv_scale: f32) -> Result<()> {
         crate::config::validate_inv_scale(inv_scale)?;
         let block = hyper_block(&self.opt, self.lr, inv_scale);
@@ -627,12 +664,19 @@ impl FusedOptimizer {
     /// Sets the step count (resuming from a checkpoint) with the β powers of
     /// [`StepCounter::at`]; an async copy. For a bit-identical resume, save
     /// and restore the whole counter ([`FusedOptimizer::set_counter`]).
+    ///
+    /// # Errors
+    /// [`Error::Driver`] when the copy fails.
     pub fn set_step_count(&mut self, backend: &CudaBackend, t: u64) -> Result<()> {
         self.set_counter(backend, StepCounter::at(&self.opt, t))
     }
 
     /// Sets the step count and β powers as saved by [`FusedOptimizer::counter`]
     /// (an async copy; not while capturing).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for β powers outside [0, 1] (nothing changed); [`Error::Driver`] when the
+    /// copy fails.
     pub fn set_counter(&mut self, backend: &CudaBackend, counter: StepCounter) -> Result<()> {
         counter.validate()?;
         backend
@@ -642,17 +686,29 @@ impl FusedOptimizer {
     }
 
     /// Reads the device counter back (synchronises the stream: not for the hot path).
+    ///
+    /// # Errors
+    /// [`Error::Driver`] when the copy fails.
     pub fn counter(&self, backend: &CudaBackend) -> Result<StepCounter> {
         Ok(backend.stream().clone_dtoh(&self.counter)?[0])
     }
 
     /// The device step count (synchronises the stream).
+    ///
+    /// # Errors
+    /// [`Error::Driver`] when the copy fails.
     pub fn step_count(&self, backend: &CudaBackend) -> Result<u64> {
         Ok(self.counter(backend)?.t)
     }
 
     /// Advances the step count on the device, then restores and updates every
-    /// tensor of `group`: two launches, no allocation, no host sync.
+    /// tensor of `group`: two launches, no allocation, no host sync. Moves 28
+    /// bytes per f32 parameter with AdamW (backup, g, m, v read; θ, m, v
+    /// written), 30 for bf16 working weights beside f32 masters.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the optimizer keeps m or v and a tensor of the group has no
+    /// such buffer; [`Error::Driver`] when a launch fails.
     pub fn step(&mut self, backend: &CudaBackend, group: &UpdateGroup<'_>) -> Result<()> {
         self.launch(backend, group, None, None)
     }
@@ -661,6 +717,10 @@ impl FusedOptimizer {
     /// updated in the same pass (`target` built for `group`): still two
     /// launches. λ ∈ [0, 1] is a launch argument (fixed configuration, kept by
     /// a captured graph); λ = 1 leaves θ̄ untouched and runs the plain update.
+    ///
+    /// # Errors
+    /// As [`FusedOptimizer::step`], and λ outside [0, 1] or a `target` built
+    /// for another group.
     pub fn step_with_target(
         &mut self,
         backend: &CudaBackend,

@@ -86,10 +86,13 @@ impl PerturbMode {
 /// of the norm it follows.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PerturbOptions {
+    /// The direction and norm; the same as the norm's [`NormOptions`](super::grad_norm::NormOptions).
     pub geometry: Geometry,
+    /// ρ, fixed or δ·d (d read from device memory at the launch).
     pub radius: Radius,
     /// s in g' = s·g (1/loss-scale under AMP, else 1). Finite and > 0.
     pub inv_scale: f32,
+    /// Where θ + ε goes; the group must have the buffers the mode needs.
     pub mode: PerturbMode,
 }
 
@@ -107,6 +110,9 @@ pub struct DeviceRadius {
 
 impl DeviceRadius {
     /// Allocates the slot and writes the value of `radius` to it.
+    ///
+    /// # Errors
+    /// [`Error::Driver`](crate::Error::Driver) when the allocation or copy fails.
     pub fn new(backend: &CudaBackend, radius: Radius) -> Result<Self> {
         let stream = backend.stream();
         let slot = stream.clone_htod(&[radius_value(radius)])?;
@@ -126,6 +132,9 @@ impl DeviceRadius {
     /// it. Not to be called while the stream is being captured. Like the
     /// by-value radius, a negative or non-finite value is not an error here:
     /// the perturbation then reports it in its status and leaves θ unchanged.
+    ///
+    /// # Errors
+    /// [`Error::Driver`](crate::Error::Driver) when the copy fails.
     pub fn set_value(&mut self, backend: &CudaBackend, value: f32) -> Result<()> {
         backend.stream().memcpy_htod(&[value], &mut self.slot)?;
         self.radius = match self.radius {
@@ -162,9 +171,15 @@ fn divergence_ptr(backend: &CudaBackend, divergence: Option<&CudaView<'_, f32>>)
 /// Enqueues the perturbation. `divergence` (one f32 on the device, d in
 /// ρ = δ·d) is required for [`Radius::TrustRegion`] and ignored otherwise.
 ///
-/// Errors: the group lacks the buffers of the mode (backup, master, out), a
+/// Moves 16 bytes per f32 element in place (θ and g read, θ + ε and the
+/// backup written), 10 per element for bf16 working weights from f32 master
+/// weights and gradients, 12 per f32 element out of place.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument): the group lacks the buffers of the mode (backup, master, out), a
 /// trust-region radius without a divergence, an empty divergence view, a
-/// non-finite or negative η, a non-finite or non-positive `inv_scale`.
+/// non-finite or negative η, a non-finite or non-positive `inv_scale`, or a
+/// backend whose stream is not the group's; [`Error::Driver`](crate::Error::Driver) when the launch fails.
 pub fn perturb(
     backend: &CudaBackend,
     group: &ParamGroup<'_>,
@@ -182,7 +197,8 @@ pub fn perturb(
 /// and scale come from `radius` (`opts.radius` is ignored), so a graph that
 /// captured this launch follows [`DeviceRadius::set_value`].
 ///
-/// Errors: as [`perturb`].
+/// # Errors
+/// As [`perturb`].
 pub fn perturb_device(
     backend: &CudaBackend,
     group: &ParamGroup<'_>,
@@ -207,6 +223,9 @@ pub fn perturb_device(
 /// With [`Radius::TrustRegion`], `divergence` must be the address of an f32
 /// in the backend's context that stays allocated, and is not written by other
 /// streams, until the launch has run; it may be 0 (unused) otherwise.
+///
+/// # Errors
+/// As [`perturb`]; a null `divergence` with a trust-region radius is one.
 pub unsafe fn perturb_raw(
     backend: &CudaBackend,
     group: &ParamGroup<'_>,
@@ -226,6 +245,9 @@ pub unsafe fn perturb_raw(
 /// As [`perturb_raw`]; `radius_dev` must in addition be the address of an f32
 /// of the backend's context that stays allocated until the launch (or every
 /// replay of a graph that captured it) has run.
+///
+/// # Errors
+/// As [`perturb_raw`], and a null `radius_dev`.
 pub unsafe fn perturb_raw_device(
     backend: &CudaBackend,
     group: &ParamGroup<'_>,

@@ -10,11 +10,17 @@ use crate::error::{Error, Result};
 
 /// Every image of a fat binary (such as a module of [`MODULES`]), in order:
 /// its kind, architecture and whether it is compressed.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] when `fatbin` is not a well-formed fat binary.
 pub fn images(fatbin: &[u8]) -> Result<Vec<Image>> {
     super::fatbin::images(fatbin).map_err(Error::InvalidArgument)
 }
 
 /// The `compute_80` PTX text of a fat binary built by build.rs.
+///
+/// # Errors
+/// As [`images`], and a fat binary without that PTX image.
 pub fn ptx_text(fatbin: &[u8]) -> Result<&str> {
     super::fatbin::ptx_text(fatbin, PTX_ARCH).map_err(Error::InvalidArgument)
 }

@@ -16,7 +16,12 @@ use super::CudaBackend;
 use crate::error::{ensure, Result};
 
 /// Enqueues θ ← backup for the group's tensors with a gradient. The group
-/// must have backups. No allocation, no host sync.
+/// must have backups. No allocation, no host sync. Moves 8 bytes per f32
+/// element (4 per bf16/f16): the backup read, θ written, bit for bit.
+///
+/// # Errors
+/// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a group without backups or a backend whose stream is not the
+/// group's; [`Error::Driver`](crate::Error::Driver) when the launch fails.
 pub fn restore(backend: &CudaBackend, group: &ParamGroup<'_>) -> Result<()> {
     group.check_backend(backend)?;
     ensure!(

@@ -162,6 +162,7 @@ pub struct StepState {
     pub skip: u32,
     /// 1: θ comes from the backup.
     pub restore: u32,
+    /// Padding to the kernel's 32-byte layout; zero.
     pub _pad: [u32; 3],
 }
 
@@ -222,6 +223,11 @@ impl<P: Element, G: Element, T: Element> TramStep<P, G, T> {
     /// workspace for up to `max_rows` logit rows). Every tensor starts with a
     /// gradient, the step count at 0. The step keeps a clone of `backend`
     /// and launches on its stream.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] as [`cpu::step::TramStep::new`](crate::cpu::step::TramStep::new),
+    /// and for null, misaligned or overlapping buffer addresses or
+    /// `max_rows` = 0; [`Error::Driver`] when an allocation or upload fails.
     pub fn new(
         backend: &CudaBackend,
         cfg: TramConfig,
@@ -337,6 +343,9 @@ impl<P: Element, G: Element, T: Element> TramStep<P, G, T> {
     }
 
     /// The step's device state, read back (waits for the stream).
+    ///
+    /// # Errors
+    /// [`Error::Driver`] when the copy fails.
     pub fn device_state(&self) -> Result<StepState> {
         Ok(self.backend.stream().clone_dtoh(&self.state)?[0])
     }
@@ -394,6 +403,10 @@ impl<P: Element, G: Element, T: Element> TramStep<P, G, T> {
     /// that captured whole iterations, after toggling gradients or moving
     /// buffers (of the same lengths). Host-to-device copies of what changed
     /// (nothing when nothing did). Not between a first and a second step.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] between a first and a second step, or when `tensors` is not the
+    /// step's description; [`Error::Driver`] when a copy fails.
     pub fn prepare(&mut self, tensors: &mut [Tensor<'_, P, G, T>]) -> Result<()> {
         ensure!(
             self.phase == Phase::Idle,
