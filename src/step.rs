@@ -260,6 +260,13 @@ pub trait Tram {
     /// [`Tram::first_step`]. `Err` when θ is already perturbed or ρ is not
     /// finite and >= 0. On CUDA ρ is written to device memory (an async copy
     /// on the stream, so not inside a capture), which replays read.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument), with
+    /// nothing written, when θ is already perturbed, when ρ is negative or
+    /// not finite, or when `tensors` is not the description the step was
+    /// built with (as for [`Tram::first_step`]). On CUDA,
+    /// [`Error::Driver`](crate::Error::Driver) when a launch or copy fails.
     fn first_step_fixed(&mut self, tensors: &mut Self::Tensors<'_>, rho: f32) -> Result<()>;
 
     /// Checks the gradients at θ + ε, restores θ and applies the base

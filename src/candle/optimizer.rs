@@ -140,9 +140,13 @@ pub enum Method {
     /// SAM (`Geometry::Sam`) or ASAM (`Geometry::Adaptive { eta }`; Fisher
     /// also works) with a fixed radius ρ on a base optimizer.
     Sam {
+        /// The radius ρ: finite and >= 0.
         rho: f32,
+        /// The perturbation's geometry.
         geometry: Geometry,
+        /// The base update of the second step.
         optimizer: BaseOptimizer,
+        /// The initial learning rate.
         lr: f32,
     },
 }
@@ -181,6 +185,7 @@ impl Method {
 /// [`TramOptimizer::vars`]; empty where the method keeps none).
 #[derive(Clone, Debug)]
 pub struct Checkpoint {
+    /// The step count with its β powers, the noise step, lr, δ and the scale.
     pub state: TramState,
     /// AdamW's first moment or SGD's momentum.
     pub m: Vec<Tensor>,
@@ -273,6 +278,12 @@ impl TramOptimizer {
     /// An optimizer over `vars` (see the [module docs](self) for what they
     /// must be). The state starts at zero, TRAM-θ's targets at the vars'
     /// values (in f32), the step count at 0.
+    ///
+    /// # Errors
+    /// The crate's error (wrapped) for no vars, vars of several devices or
+    /// dtypes, a dtype other than f32, f16 or bf16, a device other than the
+    /// CPU (or CUDA with `candle-cuda`), a var listed twice or not
+    /// contiguous, a bad configuration or ρ; on CUDA a failed allocation.
     pub fn new(vars: Vec<Var>, method: Method) -> candle_core::Result<Self> {
         Ok(Self::build(vars, method)?)
     }
@@ -351,6 +362,9 @@ impl TramOptimizer {
     }
 
     /// Turns weight decay on or off for `var` (on for every var at first).
+    ///
+    /// # Errors
+    /// When `var` is not one of the optimizer's.
     pub fn set_weight_decay(&mut self, var: &Var, decay: bool) -> candle_core::Result<()> {
         let i = self.index(var)?;
         self.decay[i] = decay;
@@ -406,6 +420,13 @@ impl TramOptimizer {
     /// [`kl_div`](super::kl_div::kl_div) reads them) on the vars' device,
     /// and ρ = δ·KL(target ‖ model); for SAM and ASAM `None` (ρ fixed).
     /// θ ← θ + ε in the vars.
+    ///
+    /// # Errors
+    /// When the logits are missing for TRAM or given for SAM, are on
+    /// another device or differ in shape or dtype; when a gradient is on
+    /// another device or of another dtype or shape than its var; and the
+    /// step API's errors (θ already perturbed: call `second_step`). Nothing
+    /// is written then.
     pub fn first_step(
         &mut self,
         grads: &GradStore,
@@ -447,6 +468,10 @@ impl TramOptimizer {
 
     /// The second step at the gradients `grads` (at θ + ε): θ restored, the
     /// base optimizer, TRAM-θ's target EMA.
+    ///
+    /// # Errors
+    /// Without a first step before it; when a var that had a gradient in the
+    /// first step has none; for bad gradients as in [`Self::first_step`].
     pub fn second_step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
         let g = self.grads(grads)?;
         Ok(self.engine.second(&self.vars, &self.decay, &g)?)
@@ -454,6 +479,10 @@ impl TramOptimizer {
 
     /// An update without perturbation at the gradients `grads` (at θ), as
     /// candle-nn's `Optimizer::step`: SAM or TRAM every k iterations.
+    ///
+    /// # Errors
+    /// While θ is perturbed (call `second_step`); for bad gradients as in
+    /// [`Self::first_step`].
     pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
         let g = self.grads(grads)?;
         Ok(self.engine.base(&self.vars, &self.decay, &g)?)
@@ -461,6 +490,10 @@ impl TramOptimizer {
 
     /// TRAM-x: `x` + this iteration's noise (the step API's `noise`), a new
     /// tensor of `x`'s shape and dtype (f32, f16 or bf16), not tracked.
+    ///
+    /// # Errors
+    /// For SAM and TRAM-θ, an input on another device or of a dtype other
+    /// than f32, f16 or bf16.
     pub fn noise(&mut self, x: &Tensor) -> candle_core::Result<Tensor> {
         Ok(self.noise_(x)?)
     }
@@ -484,6 +517,9 @@ impl TramOptimizer {
     /// on the CPU copies; on CUDA tensors over the optimizer's own storage,
     /// which the next second step or step overwrites. Empty for TRAM-x and
     /// SAM.
+    ///
+    /// # Errors
+    /// When candle fails to make the tensors (allocation).
     pub fn targets(&self) -> candle_core::Result<Vec<Tensor>> {
         Ok(self.engine.targets(&self.vars)?)
     }
@@ -494,6 +530,9 @@ impl TramOptimizer {
     }
 
     /// Sets the learning rate from the next update on (finite, >= 0).
+    ///
+    /// # Errors
+    /// For a negative or non-finite value.
     pub fn set_learning_rate(&mut self, lr: f64) -> candle_core::Result<()> {
         self.engine.tram().set_lr(lr as f32)?;
         match &mut self.method {
@@ -512,6 +551,9 @@ impl TramOptimizer {
     }
 
     /// Sets TRAM's δ, or SAM's ρ, from the next first step on (finite, >= 0).
+    ///
+    /// # Errors
+    /// For a negative or non-finite value.
     pub fn set_radius_scale(&mut self, value: f32) -> candle_core::Result<()> {
         Ok(self.set_radius_scale_(value)?)
     }
@@ -537,6 +579,9 @@ impl TramOptimizer {
     /// multiply the loss by `scale` before each backward and set s =
     /// 1/scale; an iteration whose gradients are not finite is skipped
     /// ([`crate::StepStatus::SKIPPED`] in [`Self::report`]).
+    ///
+    /// # Errors
+    /// For a value that is not finite and > 0.
     pub fn set_inv_scale(&mut self, inv_scale: f32) -> candle_core::Result<()> {
         Ok(self.engine.tram().set_inv_scale(inv_scale)?)
     }
@@ -547,17 +592,26 @@ impl TramOptimizer {
     }
 
     /// Updates applied so far (skipped iterations do not count).
+    ///
+    /// # Errors
+    /// On CUDA, when reading the device state fails.
     pub fn step_count(&self) -> candle_core::Result<u64> {
         Ok(self.engine.tram_ref().step_count()?)
     }
 
     /// The last iteration's status and its first step's d, ρ and norm.
+    ///
+    /// # Errors
+    /// On CUDA, when reading the device state fails.
     pub fn report(&self) -> candle_core::Result<StepReport> {
         Ok(self.engine.tram_ref().report()?)
     }
 
     /// Everything besides the vars that a resumed run needs (save the vars
     /// yourself, e.g. with a `VarMap`): between iterations only.
+    ///
+    /// # Errors
+    /// When candle fails to make the tensors; on CUDA, a failed copy.
     pub fn checkpoint(&self) -> candle_core::Result<Checkpoint> {
         Ok(self.engine.checkpoint(&self.vars)?)
     }
@@ -565,6 +619,11 @@ impl TramOptimizer {
     /// Resumes from a checkpoint of an optimizer over vars of the same shapes
     /// and the same method: the run continues bit for bit. Between
     /// iterations only.
+    ///
+    /// # Errors
+    /// While θ is perturbed, or when the checkpoint's tensors differ in
+    /// count, length or dtype (f32) from this optimizer's; nothing is
+    /// changed then.
     pub fn resume(&mut self, c: &Checkpoint) -> candle_core::Result<()> {
         Ok(self.engine.resume(c)?)
     }
