@@ -359,6 +359,8 @@
 
 #![deny(missing_docs)]
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod config;
 pub mod cpu;
 pub mod cuda;

@@ -47,6 +47,8 @@
 //! second_step(tensors)             check g₂, restore θ, AdamW/SGD with g₂, target EMA
 //! ```
 //!
+//! [`Tram::first_step_fixed`] replaces the first step for a fixed radius ρ
+//! (plain SAM or ASAM, no logits); the second step is the same.
 //! [`Tram::base_step`] is an iteration without the perturbation (SAM every k
 //! steps): the base optimizer with the gradient at θ, then the target upkeep.
 //! Calls out of this order are refused with an `Err` that says what to call;
@@ -250,6 +252,22 @@ pub trait Tram {
         model: &Self::Logits<'_, L>,
         mask: Option<&Self::Mask<'_>>,
     ) -> Result<()>;
+
+    /// The first step with a fixed radius ρ instead of δ·d: plain SAM, or
+    /// ASAM with [`Geometry::Adaptive`](crate::Geometry::Adaptive). No
+    /// divergence is computed (no logits; the report keeps the last one);
+    /// the norm, θ + ε and its backup, the phase and AMP are those of
+    /// [`Tram::first_step`]. `Err` when θ is already perturbed or ρ is not
+    /// finite and >= 0. On CUDA ρ is written to device memory (an async copy
+    /// on the stream, so not inside a capture), which replays read.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument), with
+    /// nothing written, when θ is already perturbed, when ρ is negative or
+    /// not finite, or when `tensors` is not the description the step was
+    /// built with (as for [`Tram::first_step`]). On CUDA,
+    /// [`Error::Driver`](crate::Error::Driver) when a launch or copy fails.
+    fn first_step_fixed(&mut self, tensors: &mut Self::Tensors<'_>, rho: f32) -> Result<()>;
 
     /// Checks the gradients at θ + ε, restores θ and applies the base
     /// optimizer with them (or only restores, when a gradient of either step

@@ -237,34 +237,17 @@ impl<P: Element, G: Element, T: Element> TramStep<P, G, T> {
         self.phase = Phase::Idle;
         Ok(())
     }
-}
 
-impl<P: Element, G: Element, T: Element> Tram for TramStep<P, G, T> {
-    type Tensors<'t> = [Tensor<'t, P, G, T>];
-    type Logits<'l, L: Element> = Logits<'l, L>;
-    type Mask<'m> = [u8];
-    type Input<'i, L: Element> = [L];
-    type Output<'o, L: Element> = [L];
-
-    fn config(&self) -> &TramConfig {
-        &self.cfg
-    }
-
-    fn first_step<L: Element>(
+    /// The norm and the perturbation with `radius` over the tensors with a
+    /// gradient (`d`: the divergence the report shows).
+    fn perturb_with(
         &mut self,
         tensors: &mut [Tensor<'_, P, G, T>],
-        target: &Logits<'_, L>,
-        model: &Logits<'_, L>,
-        mask: Option<&[u8]>,
+        now: &[Shape],
+        radius: Radius,
+        d: f32,
     ) -> Result<()> {
-        self.phase.begin_first()?;
-        let now = self.check(tensors)?;
-        let active = active(&self.has_grad, &now);
-        let kl = kl_div(target, model, mask, &self.cfg.kl)?;
-        let d = kl.value as f32;
-        let radius = Radius::TrustRegion {
-            delta: self.cfg.delta,
-        };
+        let active = active(&self.has_grad, now);
         let (g, s) = (self.cfg.geometry, self.optimizer.inv_scale());
         let mode = now[0].mode;
         // Tensors without a gradient are left out (θ, and their backup, as
@@ -324,6 +307,47 @@ impl<P: Element, G: Element, T: Element> Tram for TramStep<P, G, T> {
         };
         self.phase = Phase::Perturbed;
         Ok(())
+    }
+}
+
+impl<P: Element, G: Element, T: Element> Tram for TramStep<P, G, T> {
+    type Tensors<'t> = [Tensor<'t, P, G, T>];
+    type Logits<'l, L: Element> = Logits<'l, L>;
+    type Mask<'m> = [u8];
+    type Input<'i, L: Element> = [L];
+    type Output<'o, L: Element> = [L];
+
+    fn config(&self) -> &TramConfig {
+        &self.cfg
+    }
+
+    fn first_step<L: Element>(
+        &mut self,
+        tensors: &mut [Tensor<'_, P, G, T>],
+        target: &Logits<'_, L>,
+        model: &Logits<'_, L>,
+        mask: Option<&[u8]>,
+    ) -> Result<()> {
+        self.phase.begin_first()?;
+        let now = self.check(tensors)?;
+        let kl = kl_div(target, model, mask, &self.cfg.kl)?;
+        let d = kl.value as f32;
+        let radius = Radius::TrustRegion {
+            delta: self.cfg.delta,
+        };
+        self.perturb_with(tensors, &now, radius, d)
+    }
+
+    fn first_step_fixed(&mut self, tensors: &mut [Tensor<'_, P, G, T>], rho: f32) -> Result<()> {
+        self.phase.begin_first()?;
+        ensure!(
+            rho.is_finite() && rho >= 0.0,
+            "the fixed radius ρ {rho} must be finite and >= 0"
+        );
+        let now = self.check(tensors)?;
+        // No divergence: the report keeps the last one.
+        let d = self.report.divergence;
+        self.perturb_with(tensors, &now, Radius::Fixed(rho), d)
     }
 
     fn second_step(&mut self, tensors: &mut [Tensor<'_, P, G, T>]) -> Result<()> {

@@ -11,6 +11,7 @@
 //!
 //! - `first_step`: the phase gate (1 thread), the KL (2), the norm (1), the
 //!   perturbation (1), which reads d and δ from device memory;
+//!   `first_step_fixed` the same without the KL, ρ read from device memory;
 //! - `second_step`: AMP's check over the gradients (1), the gate that decides
 //!   and advances the step count (1 thread), restore + update + target (1),
 //!   and TRAM-x's noise step (1 thread);
@@ -198,6 +199,8 @@ pub struct TramStep<P, G = P, T = f32> {
     kl: KlWorkspace,
     noise_step: NoiseStep,
     delta: DeviceRadius,
+    /// ρ of [`Tram::first_step_fixed`].
+    fixed: DeviceRadius,
     state: CudaSlice<StepState>,
     state_ptr: u64,
     _types: Types<P, G, T>,
@@ -300,6 +303,7 @@ impl<P: Element, G: Element, T: Element> TramStep<P, G, T> {
             kl: KlWorkspace::new(backend, max_rows)?,
             noise_step: NoiseStep::new(backend, 0)?,
             delta: DeviceRadius::new(backend, Radius::TrustRegion { delta: cfg.delta })?,
+            fixed: DeviceRadius::new(backend, Radius::Fixed(0.0))?,
             state,
             state_ptr,
             built,
@@ -430,6 +434,68 @@ impl<P: Element, G: Element, T: Element> TramStep<P, G, T> {
         self.optimizer
             .step_gated(&self.backend, &self.update, ema, gate)?;
         self.noise_step.advance(&self.backend)
+    }
+
+    /// The first step's phase gate (before anything else: it decides what
+    /// the norm and the perturbation see).
+    fn launch_first_gate(&self) -> Result<()> {
+        let begin = self.backend.function("step_first_begin")?;
+        let counts = self.params.n_chunks_ptr();
+        let mut b = self.backend.stream().launch_builder(begin);
+        b.arg(&self.state_ptr).arg(&counts);
+        // SAFETY: step_first_begin(StepState*, uint32_t*): the step's own
+        // StepState and its parameter group's four chunk counts, both owned
+        // by `self`.
+        unsafe { b.launch(LaunchConfig::for_num_elems(1)) }?;
+        Ok(())
+    }
+
+    /// The norm and the perturbation, with the radius scale read from
+    /// `radius_ptr` (one of the step's [`DeviceRadius`] slots).
+    ///
+    /// # Safety
+    /// `divergence` is 0 for a fixed radius, else the address of an f32 of
+    /// the backend's context that stays allocated while the launch (or a
+    /// graph of it) may run, written on the backend's stream.
+    unsafe fn launch_perturb(
+        &self,
+        radius: Radius,
+        radius_ptr: u64,
+        divergence: u64,
+    ) -> Result<()> {
+        let geometry = self.cfg.geometry;
+        let inv_scale = self.optimizer.inv_scale();
+        let scale_dev = self.optimizer.inv_scale_ptr();
+        grad_norm_device_scale(
+            &self.backend,
+            &self.params,
+            NormOptions {
+                geometry,
+                inv_scale,
+            },
+            scale_dev,
+        )?;
+        let opts = PerturbOptions {
+            geometry,
+            radius,
+            inv_scale,
+            mode: self.mode,
+        };
+        // SAFETY: the radius slot and the scale (the optimizer's
+        // hyperparameter block) are owned by `self`, which the caller keeps
+        // while any launch or graph of this call may run; they are written
+        // only by the setters' copies on this stream; the divergence as the
+        // caller guarantees.
+        unsafe {
+            perturb_step(
+                &self.backend,
+                &self.params,
+                opts,
+                radius_ptr,
+                divergence,
+                scale_dev,
+            )
+        }
     }
 }
 
@@ -574,18 +640,7 @@ impl<P: Element, G: Element, T: Element> Tram for TramStep<P, G, T> {
         self.phase.begin_first()?;
         let act = active(&self.has_grad, &shapes(tensors));
         self.refresh(tensors, &act, &act)?;
-        let geometry = self.cfg.geometry;
-        let inv_scale = self.optimizer.inv_scale();
-        // The gate before anything else: it decides what the norm and the
-        // perturbation see.
-        let begin = self.backend.function("step_first_begin")?;
-        let counts = self.params.n_chunks_ptr();
-        let mut b = self.backend.stream().launch_builder(begin);
-        b.arg(&self.state_ptr).arg(&counts);
-        // SAFETY: step_first_begin(StepState*, uint32_t*): the step's own
-        // StepState and its parameter group's four chunk counts, both owned
-        // by `self`.
-        unsafe { b.launch(LaunchConfig::for_num_elems(1)) }?;
+        self.launch_first_gate()?;
         kl_div_step(
             &self.backend,
             target,
@@ -594,37 +649,30 @@ impl<P: Element, G: Element, T: Element> Tram for TramStep<P, G, T> {
             &self.cfg.kl,
             &mut self.kl,
         )?;
-        let scale_dev = self.optimizer.inv_scale_ptr();
-        grad_norm_device_scale(
-            &self.backend,
-            &self.params,
-            NormOptions {
-                geometry,
-                inv_scale,
-            },
-            scale_dev,
-        )?;
-        let opts = PerturbOptions {
-            geometry,
-            radius: self.delta.radius(),
-            inv_scale,
-            mode: self.mode,
-        };
-        // SAFETY: the divergence is the workspace's f32 value, the radius slot
-        // δ's and the scale the optimizer's hyperparameter block's, all owned
-        // by `self` (which the caller keeps while any launch or graph of this
-        // call may run); d is written on this stream by the KL just enqueued,
-        // δ and s only by the setters' copies on it.
-        unsafe {
-            perturb_step(
-                &self.backend,
-                &self.params,
-                opts,
-                self.delta.ptr(),
-                self.kl.value_ptr(),
-                scale_dev,
-            )?
-        };
+        let (radius, radius_ptr) = (self.delta.radius(), self.delta.ptr());
+        // SAFETY: the divergence is the workspace's f32 value, owned by
+        // `self`, written on this stream by the KL just enqueued.
+        unsafe { self.launch_perturb(radius, radius_ptr, self.kl.value_ptr())? };
+        self.perturbed = act;
+        self.phase = Phase::Perturbed;
+        Ok(())
+    }
+
+    fn first_step_fixed(&mut self, tensors: &mut [Tensor<'_, P, G, T>], rho: f32) -> Result<()> {
+        self.phase.begin_first()?;
+        ensure!(
+            rho.is_finite() && rho >= 0.0,
+            "the fixed radius ρ {rho} must be finite and >= 0"
+        );
+        let act = active(&self.has_grad, &shapes(tensors));
+        self.refresh(tensors, &act, &act)?;
+        if self.fixed.radius() != Radius::Fixed(rho) {
+            self.fixed.set_value(&self.backend, rho)?;
+        }
+        self.launch_first_gate()?;
+        let (radius, radius_ptr) = (self.fixed.radius(), self.fixed.ptr());
+        // SAFETY: a fixed radius reads no divergence (address 0).
+        unsafe { self.launch_perturb(radius, radius_ptr, 0)? };
         self.perturbed = act;
         self.phase = Phase::Perturbed;
         Ok(())
