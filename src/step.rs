@@ -209,6 +209,56 @@ impl Phase {
         );
         Ok(())
     }
+
+    /// `set_has_grad` and `set_state` happen between iterations only.
+    pub(crate) fn between_iterations(&self, call: &str) -> Result<()> {
+        ensure!(
+            *self == Phase::Idle,
+            "{call} between a first and a second step: call it before first_step or after              second_step"
+        );
+        Ok(())
+    }
+}
+
+/// Checks the radius of [`Tram::first_step_fixed`].
+pub(crate) fn check_fixed_radius(rho: f32) -> Result<()> {
+    ensure!(
+        rho.is_finite() && rho >= 0.0,
+        "the fixed radius ρ {rho} must be finite and >= 0"
+    );
+    Ok(())
+}
+
+/// TRAM-x's noise configuration, or the error [`Tram::noise`] gives for TRAM-θ.
+pub(crate) fn noise_config(cfg: &TramConfig) -> Result<crate::config::NoiseConfig> {
+    match cfg.variant {
+        TramVariant::X { noise } => Ok(noise),
+        _ => Err(crate::Error::InvalidArgument(
+            "noise is TRAM-x's; this step is TRAM-θ".into(),
+        )),
+    }
+}
+
+/// The second step needs a gradient for every tensor the first one perturbed.
+pub(crate) fn check_second_grads(
+    perturbed: &[bool],
+    has_grad: impl IntoIterator<Item = bool>,
+) -> Result<()> {
+    for (i, (&p, g)) in perturbed.iter().zip(has_grad).enumerate() {
+        ensure!(
+            !p || g,
+            "tensor {i} had a gradient in the first step; the second step needs its gradient too"
+        );
+    }
+    Ok(())
+}
+
+/// Checks the values of a saved state before any of it is applied.
+pub(crate) fn validate_state(state: &TramState) -> Result<()> {
+    crate::config::validate_delta(state.delta)?;
+    crate::config::validate_lr(state.lr)?;
+    crate::config::validate_inv_scale(state.inv_scale)?;
+    state.counter.validate()
 }
 
 /// One TRAM step on a backend: the same methods, semantics and dtypes on the

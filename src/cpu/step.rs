@@ -25,10 +25,11 @@ use crate::cpu::perturb::{
     perturb, perturb_master, perturb_out_of_place, plan, radius_value, PerturbReport,
 };
 use crate::dtype::Element;
-use crate::error::{ensure, Error, Result};
+use crate::error::Result;
 use crate::step::{
-    active, check_has_grad, check_same, check_shapes, check_types, PerturbMode, Phase, Shape,
-    StepReport, StepStatus, Tram, TramState,
+    active, check_fixed_radius, check_has_grad, check_same, check_second_grads, check_shapes,
+    check_types, noise_config, validate_state, PerturbMode, Phase, Shape, StepReport, StepStatus,
+    Tram, TramState,
 };
 
 /// Where the first step puts θ + ε, with the buffer that kind needs.
@@ -120,7 +121,7 @@ impl<P: Element, G: Element, T: Element> TramStep<P, G, T> {
     /// every tensor starts with a gradient, the step count at 0.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] naming what
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming what
     /// to change: a configuration value out of range
     /// ([`TramConfig::validate`](crate::TramConfig::validate)), an unsupported
     /// dtype ([`check_dtypes`](crate::step::check_dtypes)), or a description
@@ -175,13 +176,7 @@ impl<P: Element, G: Element, T: Element> TramStep<P, G, T> {
         restore: bool,
         mut status: u32,
     ) -> Result<()> {
-        for (i, (t, &a)) in tensors.iter().zip(active).enumerate() {
-            ensure!(
-                !a || t.grad.is_some(),
-                "tensor {i} had a gradient in the first step; the second step needs its \
-                 gradient too"
-            );
-        }
+        check_second_grads(active, tensors.iter().map(|t| t.grad.is_some()))?;
         let grads: Vec<Option<&[G]>> = tensors
             .iter()
             .zip(active)
@@ -340,10 +335,7 @@ impl<P: Element, G: Element, T: Element> Tram for TramStep<P, G, T> {
 
     fn first_step_fixed(&mut self, tensors: &mut [Tensor<'_, P, G, T>], rho: f32) -> Result<()> {
         self.phase.begin_first()?;
-        ensure!(
-            rho.is_finite() && rho >= 0.0,
-            "the fixed radius ρ {rho} must be finite and >= 0"
-        );
+        check_fixed_radius(rho)?;
         let now = self.check(tensors)?;
         // No divergence: the report keeps the last one.
         let d = self.report.divergence;
@@ -370,21 +362,12 @@ impl<P: Element, G: Element, T: Element> Tram for TramStep<P, G, T> {
     }
 
     fn noise<L: Element>(&mut self, input: &[L], out: &mut [L]) -> Result<()> {
-        let TramVariant::X { noise } = self.cfg.variant else {
-            return Err(Error::InvalidArgument(
-                "noise is TRAM-x's; this step is TRAM-θ".into(),
-            ));
-        };
-        add_noise(input, out, &noise, self.noise_step)
+        add_noise(input, out, &noise_config(&self.cfg)?, self.noise_step)
     }
 
     fn set_has_grad(&mut self, has_grad: &[bool]) -> Result<()> {
         check_has_grad(has_grad, self.built.len())?;
-        ensure!(
-            self.phase == Phase::Idle,
-            "set_has_grad between a first and a second step: the second step must see the \
-             tensors the first one perturbed"
-        );
+        self.phase.between_iterations("set_has_grad")?;
         self.has_grad.copy_from_slice(has_grad);
         Ok(())
     }
@@ -446,11 +429,8 @@ impl<P: Element, G: Element, T: Element> Tram for TramStep<P, G, T> {
     }
 
     fn set_state(&mut self, state: &TramState) -> Result<()> {
-        ensure!(
-            self.phase == Phase::Idle,
-            "set_state between a first and a second step: resume between iterations"
-        );
-        validate_delta(state.delta)?;
+        self.phase.between_iterations("set_state")?;
+        validate_state(state)?;
         let mut opt = self.optimizer.clone();
         opt.set_counter(state.counter)?;
         opt.set_lr(state.lr)?;

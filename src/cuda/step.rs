@@ -76,8 +76,9 @@ use crate::config::{validate_delta, Radius, TramConfig, TramVariant};
 use crate::dtype::Element;
 use crate::error::{ensure, Error, Result};
 use crate::step::{
-    active, check_has_grad, check_same, check_shapes, check_types, PerturbMode, Phase, Shape,
-    StepReport, StepStatus, Tram, TramState,
+    active, check_fixed_radius, check_has_grad, check_same, check_second_grads, check_shapes,
+    check_types, noise_config, validate_state, PerturbMode, Phase, Shape, StepReport, StepStatus,
+    Tram, TramState,
 };
 use crate::PerturbStatus;
 
@@ -363,13 +364,7 @@ impl<P: Element, G: Element, T: Element> TramStep<P, G, T> {
         let now = shapes(tensors);
         check_shapes(&self.cfg, &now)?;
         check_same(&self.built, &now)?;
-        for (i, (s, &a)) in now.iter().zip(update).enumerate() {
-            ensure!(
-                !a || s.grad,
-                "tensor {i} had a gradient in the first step; the second step needs its \
-                 gradient too"
-            );
-        }
+        check_second_grads(update, now.iter().map(|s| s.grad))?;
         let t = tables(tensors, self.mode, first, update)?;
         if t == self.tables {
             return Ok(());
@@ -660,10 +655,7 @@ impl<P: Element, G: Element, T: Element> Tram for TramStep<P, G, T> {
 
     fn first_step_fixed(&mut self, tensors: &mut [Tensor<'_, P, G, T>], rho: f32) -> Result<()> {
         self.phase.begin_first()?;
-        ensure!(
-            rho.is_finite() && rho >= 0.0,
-            "the fixed radius ρ {rho} must be finite and >= 0"
-        );
+        check_fixed_radius(rho)?;
         let act = active(&self.has_grad, &shapes(tensors));
         self.refresh(tensors, &act, &act)?;
         if self.fixed.radius() != Radius::Fixed(rho) {
@@ -697,21 +689,13 @@ impl<P: Element, G: Element, T: Element> Tram for TramStep<P, G, T> {
     }
 
     fn noise<L: Element>(&mut self, input: &DevRef<'_, L>, out: &mut DevMut<'_, L>) -> Result<()> {
-        let TramVariant::X { noise } = self.cfg.variant else {
-            return Err(Error::InvalidArgument(
-                "noise is TRAM-x's; this step is TRAM-θ".into(),
-            ));
-        };
+        let noise = noise_config(&self.cfg)?;
         add_noise_to(&self.backend, input, out, &noise, &self.noise_step)
     }
 
     fn set_has_grad(&mut self, has_grad: &[bool]) -> Result<()> {
         check_has_grad(has_grad, self.built.len())?;
-        ensure!(
-            self.phase == Phase::Idle,
-            "set_has_grad between a first and a second step: the second step must see the \
-             tensors the first one perturbed"
-        );
+        self.phase.between_iterations("set_has_grad")?;
         self.has_grad.copy_from_slice(has_grad);
         Ok(())
     }
@@ -772,14 +756,8 @@ impl<P: Element, G: Element, T: Element> Tram for TramStep<P, G, T> {
     }
 
     fn set_state(&mut self, state: &TramState) -> Result<()> {
-        ensure!(
-            self.phase == Phase::Idle,
-            "set_state between a first and a second step: resume between iterations"
-        );
-        validate_delta(state.delta)?;
-        crate::config::validate_lr(state.lr)?;
-        crate::config::validate_inv_scale(state.inv_scale)?;
-        state.counter.validate()?;
+        self.phase.between_iterations("set_state")?;
+        validate_state(state)?;
         self.optimizer.set_counter(&self.backend, state.counter)?;
         self.set_lr(state.lr)?;
         self.set_delta(state.delta)?;
